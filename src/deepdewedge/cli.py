@@ -1,0 +1,236 @@
+"""The ``ddw`` command line: parse, validate, call the pipeline, report."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from tqdm import tqdm
+
+from deepdewedge import pipeline
+from deepdewedge.config import step_config
+from deepdewedge.fit.loop import Callbacks
+from deepdewedge.io.mrc import InputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="DeepDeWedge: self-supervised denoising and missing-wedge filling for cryo-ET.",
+)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config (sections shared, prepare_data, "
+                              "fit_model, refine_tomogram); options given here override it.")
+]
+ProjectOpt = Annotated[Path | None, typer.Option(help="Project directory.")]
+Tomo0Opt = Annotated[list[Path] | None, typer.Option(help="Half tomogram(s) 0 (MRC).")]
+Tomo1Opt = Annotated[list[Path] | None, typer.Option(help="Half tomogram(s) 1 (MRC).")]
+SizeOpt = Annotated[int | None, typer.Option(help="Edge of the sub-tomograms in voxels.")]
+MwOpt = Annotated[float | None, typer.Option(help="Full opening angle of the missing wedge (°).")]
+GpuOpt = Annotated[list[int] | None, typer.Option(help="GPU index; omit to run on the CPU.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed.")]
+
+
+def _friendly(func):
+    """Turn input errors into one line on stderr and a non-zero exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+        try:
+            return func(*args, **kwargs)
+        except (InputError, FloatingPointError) as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(code=1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; resume fitting with --resume", err=True)
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def _parse_mapping(text: str | None, name: str) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise InputError(f"--{name}: expected a mapping such as '{{\"chans\": 32}}', got {text!r}")
+    return value
+
+
+def _fit_callbacks(num_epochs: int) -> tuple[Callbacks, list[tqdm]]:
+    bars: list[tqdm] = []
+
+    def on_step(epoch: int, step: int, steps: int, running: float) -> None:
+        if not bars:
+            bars.append(tqdm(total=num_epochs * steps, desc="fitting", unit="batch",
+                             initial=epoch * steps + step - 1, dynamic_ncols=True))
+        bars[0].update(1)
+        bars[0].set_postfix(epoch=epoch, loss=f"{running:.4g}", refresh=False)
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        if record["val_loss"] is not None and bars:
+            bars[0].write(f"epoch {record['epoch']}: fitting loss {record['fitting_loss']:.5g}, "
+                          f"val loss {record['val_loss']:.5g}")
+
+    return Callbacks(on_step=on_step, on_epoch=on_epoch), bars
+
+
+def _run_prepare(config_file: Path | None, overrides: dict[str, Any]) -> None:
+    config = step_config("prepare_data", config_file=config_file, overrides=overrides)
+    result = pipeline.prepare_data(config)  # type: ignore[arg-type]
+    typer.echo(f"{result['n_fitting']} fitting and {result['n_val']} validation sub-tomograms "
+               f"in {result['dir']}")
+
+
+def _run_fit(config_file: Path | None, overrides: dict[str, Any]) -> None:
+    config = step_config("fit_model", config_file=config_file, overrides=overrides)
+    callbacks, bars = _fit_callbacks(config.num_epochs)  # type: ignore[attr-defined]
+    try:
+        result = pipeline.fit_model(config, callbacks=callbacks)  # type: ignore[arg-type]
+    finally:
+        for bar in bars:
+            bar.close()
+    last = result["history"][-1] if result["history"] else None
+    if last is not None:
+        typer.echo(f"fitting loss {last['fitting_loss']:.5g} after epoch {last['epoch']}")
+    typer.echo(f"checkpoints in {result['checkpoint'].parent} (best: "
+               f"{result['best_checkpoint'].name})")
+
+
+def _run_refine(config_file: Path | None, overrides: dict[str, Any]) -> None:
+    config = step_config("refine_tomogram", config_file=config_file, overrides=overrides)
+    bar = tqdm(desc="refining", unit="tile", dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        written = pipeline.refine_tomogram(config, progress=progress)  # type: ignore[arg-type]
+    finally:
+        bar.close()
+    for path in written:
+        typer.echo(f"wrote {path}")
+
+
+@app.command("prepare-data")
+@_friendly
+def prepare_data_cmd(
+    config: ConfigOpt = None,
+    project_dir: ProjectOpt = None,
+    tomo0_files: Tomo0Opt = None,
+    tomo1_files: Tomo1Opt = None,
+    mask_files: Annotated[list[Path] | None, typer.Option(help="Binary mask(s) (MRC).")] = None,
+    subtomo_size: SizeOpt = None,
+    mw_angle: MwOpt = None,
+    subtomo_extraction_strides: Annotated[
+        list[int] | None, typer.Option(help="Strides z y x (give three times).")] = None,
+    min_nonzero_mask_fraction_in_subtomo: Annotated[float | None, typer.Option()] = None,
+    val_fraction: Annotated[float | None, typer.Option()] = None,
+    standardize_full_tomos: Annotated[bool | None, typer.Option()] = None,
+    seed: SeedOpt = None,
+    overwrite: Annotated[bool | None, typer.Option(help="Replace prepared data.")] = None,
+) -> None:
+    """Extract paired sub-tomogram banks from half tomograms (sliding window, √3 margin)."""
+    _run_prepare(config, {k: v for k, v in locals().items() if k != "config"})
+
+
+@app.command("fit-model")
+@_friendly
+def fit_model_cmd(
+    config: ConfigOpt = None,
+    project_dir: ProjectOpt = None,
+    subtomo_size: SizeOpt = None,
+    mw_angle: MwOpt = None,
+    unet_params_dict: Annotated[str | None, typer.Option(
+        help="U-Net options, e.g. '{chans: 32, num_downsample_layers: 3, drop_prob: 0}'.")] = None,
+    adam_params_dict: Annotated[str | None, typer.Option(help="Adam options, e.g. '{lr: 4e-4}'.")]
+    = None,
+    num_epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    update_subtomo_missing_wedges_every_n_epochs: Annotated[int | None, typer.Option()] = None,
+    check_val_every_n_epochs: Annotated[int | None, typer.Option()] = None,
+    save_model_every_n_epochs: Annotated[int | None, typer.Option()] = None,
+    rotate: Annotated[bool | None, typer.Option(
+        help="Random rotations (--no-rotate for noise2noise-only).")] = None,
+    wedge_mask: Annotated[bool | None, typer.Option(
+        help="Extra wedge and masked loss (--no-wedge-mask for noise2noise-only).")] = None,
+    interpolation: Annotated[str | None, typer.Option(help="cubic (default) or linear.")] = None,
+    precision: Annotated[str | None, typer.Option(help="32 or bf16-mixed (GPU).")] = None,
+    gpu: GpuOpt = None,
+    seed: SeedOpt = None,
+    resume: Annotated[bool | None, typer.Option(help="Continue from latest.ckpt.")] = None,
+) -> None:
+    """Fit the U-Net with the masked Fourier loss on randomly rotated sub-tomogram pairs."""
+    overrides = {k: v for k, v in locals().items() if k != "config"}
+    overrides["unet_params_dict"] = _parse_mapping(unet_params_dict, "unet-params-dict")
+    overrides["adam_params_dict"] = _parse_mapping(adam_params_dict, "adam-params-dict")
+    _run_fit(config, overrides)
+
+
+@app.command("refine-tomogram")
+@_friendly
+def refine_tomogram_cmd(
+    config: ConfigOpt = None,
+    project_dir: ProjectOpt = None,
+    tomo0_files: Tomo0Opt = None,
+    tomo1_files: Tomo1Opt = None,
+    tomo_files: Annotated[list[Path] | None, typer.Option(
+        help="Full tomogram(s) to refine instead of averaging refined halves.")] = None,
+    model_checkpoint_file: Annotated[Path | None, typer.Option(
+        help="Checkpoint; default: best validation checkpoint of the project.")] = None,
+    subtomo_size: SizeOpt = None,
+    subtomo_overlap: Annotated[int | None, typer.Option()] = None,
+    mw_angle: MwOpt = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    recompute_normalization: Annotated[bool | None, typer.Option()] = None,
+    output_dir: Annotated[Path | None, typer.Option()] = None,
+    precision: Annotated[str | None, typer.Option()] = None,
+    gpu: GpuOpt = None,
+) -> None:
+    """Apply a fitted model to whole tomograms in overlapping, blended tiles."""
+    _run_refine(config, {k: v for k, v in locals().items() if k != "config"})
+
+
+@app.command("run")
+@_friendly
+def run_cmd(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config with all sections.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace prepared data.")] = False,
+) -> None:
+    """Run prepare-data, fit-model and refine-tomogram from one config."""
+    _run_prepare(config, {"overwrite": overwrite or None})
+    _run_fit(config, {})
+    _run_refine(config, {})
+
+
+@app.command("demo")
+@_friendly
+def demo_cmd(
+    output_dir: Annotated[Path, typer.Option(help="Where to write the demo.")] = Path("ddw_demo"),
+    seed: Annotated[int, typer.Option()] = 0,
+    num_epochs: Annotated[int | None, typer.Option(help="Fitting epochs per model.")] = None,
+) -> None:
+    """Simulate a small tomogram, run FBP, noise2noise-only and DeepDeWedge, report CC."""
+    from deepdewedge.demo import run_demo
+
+    run_demo(output_dir, seed=seed, num_epochs=num_epochs, echo=typer.echo)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    """Entry point."""
+    app(prog_name="ddw")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Validated configuration of each step; the only place defaults live.
+
+The YAML layout is the published DeepDeWedge one: sections ``shared``, ``prepare_data``,
+``fit_model`` and ``refine_tomogram``. Keys in ``shared`` go to every step that knows them;
+keys in a step's section must be known to that step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from deepdewedge.io.mrc import InputError
+
+SECTIONS = ("shared", "prepare_data", "fit_model", "refine_tomogram")
+
+
+class _Step(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    project_dir: Path = Path("./ddw_project")
+    seed: int = 42
+    gpu: int | list[int] | None = None
+    num_workers: int = 0
+
+
+class UNetParams(BaseModel):
+    """Architecture of the U-Net (``unet_params_dict``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chans: int = Field(64, ge=1)
+    num_downsample_layers: int = Field(3, ge=1)
+    drop_prob: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class AdamParams(BaseModel):
+    """Options of ``torch.optim.Adam`` (``adam_params_dict``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(4e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    amsgrad: bool = False
+
+
+class PrepareDataConfig(_Step):
+    """``ddw prepare-data``: sub-tomogram banks from pairs of half tomograms."""
+
+    tomo0_files: list[Path]
+    tomo1_files: list[Path]
+    subtomo_size: int = Field(96, ge=8)
+    mw_angle: float = Field(60.0, ge=0, lt=180)
+    mask_files: list[Path] | None = None
+    min_nonzero_mask_fraction_in_subtomo: float = Field(0.3, ge=0, le=1)
+    subtomo_extraction_strides: list[int] | None = None
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    standardize_full_tomos: bool = False
+    overwrite: bool = False
+
+    @field_validator("subtomo_extraction_strides")
+    @classmethod
+    def _three_strides(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) != 3 or min(v) < 1):
+            raise ValueError("give three positive strides [z, y, x]")
+        return v
+
+    @model_validator(mode="after")
+    def _paired(self) -> PrepareDataConfig:
+        if len(self.tomo0_files) != len(self.tomo1_files) or not self.tomo0_files:
+            raise ValueError(
+                f"tomo0_files ({len(self.tomo0_files)}) and tomo1_files "
+                f"({len(self.tomo1_files)}) must list the same, non-zero number of tomograms"
+            )
+        if self.mask_files is not None and len(self.mask_files) != len(self.tomo0_files):
+            raise ValueError("mask_files must list one mask per tomogram pair")
+        return self
+
+    @property
+    def strides(self) -> tuple[int, int, int]:
+        """Extraction strides, `subtomo_size` along each axis by default."""
+        s = self.subtomo_extraction_strides or [self.subtomo_size] * 3
+        return (s[0], s[1], s[2])
+
+
+class FitModelConfig(_Step):
+    """``ddw fit-model``: fit the U-Net on the sub-tomogram banks."""
+
+    subtomo_size: int = Field(96, ge=8)
+    mw_angle: float = Field(60.0, ge=0, lt=180)
+    unet_params_dict: UNetParams = UNetParams()
+    adam_params_dict: AdamParams = AdamParams()
+    num_epochs: int = Field(1000, ge=1)
+    batch_size: int = Field(5, ge=1)
+    update_subtomo_missing_wedges_every_n_epochs: int | None = Field(10, ge=1)
+    check_val_every_n_epochs: int = Field(10, ge=1)
+    save_model_every_n_epochs: int | None = Field(50, ge=1)
+    save_n_models_with_lowest_val_loss: int = Field(1, ge=0)
+    save_n_models_with_lowest_fitting_loss: int | None = None
+    logger: Literal["csv"] = "csv"
+    distributed_backend: str | None = None
+    rotate: bool = True
+    wedge_mask: bool = True
+    interpolation: Literal["cubic", "linear"] = "cubic"
+    precision: Literal["32", "bf16-mixed"] = "32"
+    resume: bool = False
+
+    @model_validator(mode="after")
+    def _divisible(self) -> FitModelConfig:
+        m = 2**self.unet_params_dict.num_downsample_layers
+        if self.subtomo_size % m:
+            raise ValueError(
+                f"subtomo_size {self.subtomo_size} must be divisible by 2**num_downsample_layers"
+                f" = {m}; choose e.g. {self.subtomo_size - self.subtomo_size % m + m}"
+            )
+        return self
+
+
+class RefineTomogramConfig(_Step):
+    """``ddw refine-tomogram``: apply the fitted model to whole tomograms."""
+
+    tomo0_files: list[Path] | None = None
+    tomo1_files: list[Path] | None = None
+    tomo_files: list[Path] | None = None
+    model_checkpoint_file: Path | None = None
+    subtomo_size: int = Field(96, ge=8)
+    subtomo_overlap: int = Field(32, ge=0)
+    mw_angle: float = Field(60.0, ge=0, lt=180)
+    batch_size: int = Field(8, ge=1)
+    recompute_normalization: bool = True
+    output_dir: Path | None = None
+    precision: Literal["32", "bf16-mixed"] = "32"
+
+    @model_validator(mode="after")
+    def _inputs(self) -> RefineTomogramConfig:
+        if self.subtomo_overlap >= self.subtomo_size:
+            raise ValueError(
+                f"subtomo_overlap ({self.subtomo_overlap}) must be smaller than subtomo_size "
+                f"({self.subtomo_size})"
+            )
+        if self.tomo_files:
+            return self
+        if not self.tomo0_files or not self.tomo1_files:
+            raise ValueError("give tomo0_files and tomo1_files (or tomo_files to refine full "
+                             "tomograms)")
+        if len(self.tomo0_files) != len(self.tomo1_files):
+            raise ValueError("tomo0_files and tomo1_files must list the same number of files")
+        return self
+
+
+STEP_MODELS: dict[str, type[_Step]] = {
+    "prepare_data": PrepareDataConfig,
+    "fit_model": FitModelConfig,
+    "refine_tomogram": RefineTomogramConfig,
+}
+KNOWN_KEYS = set().union(*(m.model_fields for m in STEP_MODELS.values()))
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Read a YAML config with the published section layout, checking section and key names."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found; check the --config path")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise InputError(f"{path}: invalid YAML{where}; fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected sections {', '.join(SECTIONS)} at the top level")
+    for section, body in raw.items():
+        if section not in SECTIONS:
+            raise InputError(
+                f"{path}: unknown section '{section}'; use one of {', '.join(SECTIONS)}"
+            )
+        if body is not None and not isinstance(body, dict):
+            raise InputError(f"{path}: section '{section}' must be a mapping of keys to values")
+        for key in body or {}:
+            known = KNOWN_KEYS if section == "shared" else STEP_MODELS[section].model_fields
+            if key not in known:
+                raise InputError(f"{path}: unknown key '{section}.{key}'; check its spelling")
+    return {section: dict(raw.get(section) or {}) for section in SECTIONS}
+
+
+def step_config(
+    step: str,
+    *,
+    config_file: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> _Step:
+    """Build the validated config of one step from a config file and command-line overrides.
+
+    Precedence: command line > the step's own section > ``shared``. Relative paths in the
+    file are taken relative to the current directory, as the published tool does.
+    """
+    model = STEP_MODELS[step]
+    values: dict[str, Any] = {}
+    source = "command line"
+    if config_file is not None:
+        sections = read_config_file(config_file)
+        values.update({k: v for k, v in sections["shared"].items() if k in model.model_fields})
+        values.update(sections[step])
+        source = str(config_file)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return model(**values)
+    except ValidationError as err:
+        raise InputError(f"{source}: {step}: {_first_error(err)}") from None
+
+
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "missing":
+        return f"missing required key '{loc}'; add it to the config or the command line"
+    if first["type"] == "extra_forbidden":
+        return f"unknown key '{loc}'; check its spelling"
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) or loc == "" else f" (got {got!r})"
+    return f"{loc + ': ' if loc else ''}{msg}{shown}"

@@ -1,0 +1,77 @@
+"""Model inputs and targets for one batch, built on the training device (paper, step 2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deepdewedge.fourier import apply_fourier_mask, rotated_missing_wedge_mask
+from deepdewedge.rotation import rotate_and_crop, sample_rotations
+
+
+@dataclass
+class Batch:
+    """One batch of fitting data.
+
+    Attributes
+    ----------
+    model_input
+        `(b, 1, s, s, s)` rotated tomo0 sub-tomograms with the extra wedge M removed.
+    target
+        `(b, 1, s, s, s)` tomo1 sub-tomograms under the same rotations.
+    rot_mw_mask
+        `(b, s, s, s // 2 + 1)` rotated masks M_φ, or None in noise2noise-only mode.
+    """
+
+    model_input: torch.Tensor
+    target: torch.Tensor
+    rot_mw_mask: torch.Tensor | None
+
+
+def centre_crop(volumes: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre crop of `(..., n, n, n)` volumes to `(..., size, size, size)`."""
+    lo = (volumes.shape[-1] - size) // 2
+    return volumes[..., lo : lo + size, lo : lo + size, lo : lo + size]
+
+
+def make_batch(
+    crops0: torch.Tensor,
+    crops1: torch.Tensor,
+    *,
+    subtomo_size: int,
+    mw_mask: torch.Tensor | None,
+    mw_angle_deg: float,
+    rotate: bool,
+    generator: torch.Generator | None,
+    interpolation: str = "cubic",
+) -> Batch:
+    """Rotate, crop and mask a batch of paired crops, all on their device.
+
+    Parameters
+    ----------
+    crops0, crops1
+        `(b, S, S, S)` bank crops of tomo0 and tomo1 (``S >= √3 · subtomo_size``).
+    mw_mask
+        `(s, s, s // 2 + 1)` wedge mask M added to the input, or None for no extra wedge.
+    rotate
+        Apply one uniformly random rotation per pair (the same for both halves).
+    generator
+        CPU generator for the rotations (reproducible across devices).
+    """
+    pairs = torch.stack([crops0, crops1], dim=1)
+    if rotate:
+        rotmats = sample_rotations(len(pairs), generator=generator, device=pairs.device)
+        pairs = rotate_and_crop(pairs, rotmats, subtomo_size, interpolation=interpolation)
+    else:
+        pairs = centre_crop(pairs, subtomo_size)
+    model_input, target = pairs[:, :1], pairs[:, 1:]
+    if mw_mask is None:
+        return Batch(model_input.contiguous(), target.contiguous(), None)
+    model_input = apply_fourier_mask(model_input, mw_mask)
+    shape = (subtomo_size,) * 3
+    if rotate:
+        rot_mw_mask = rotated_missing_wedge_mask(shape, rotmats, mw_angle_deg=mw_angle_deg)
+    else:
+        rot_mw_mask = mw_mask.expand(len(pairs), *mw_mask.shape)
+    return Batch(model_input, target.contiguous(), rot_mw_mask)

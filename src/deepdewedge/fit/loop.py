@@ -1,0 +1,310 @@
+"""The fitting loop: batches, Adam, wedge updates, validation, checkpoints and resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepdewedge.fit.batch import make_batch
+from deepdewedge.fit.loss import loss_weights, masked_fourier_loss
+from deepdewedge.fit.wedge_update import fill_missing_wedges
+from deepdewedge.fourier import missing_wedge_mask
+from deepdewedge.io.checkpoint import load_checkpoint, save_checkpoint
+from deepdewedge.io.mrc import InputError
+from deepdewedge.model.unet import DeWedgeModel
+
+log = logging.getLogger(__name__)
+
+VAL_SEED_OFFSET = 7919
+
+
+@dataclass
+class FitSettings:
+    """Everything the loop needs besides the model and the data (see ``FitModelConfig``)."""
+
+    subtomo_size: int
+    mw_angle: float
+    num_epochs: int
+    batch_size: int
+    adam_params: dict[str, Any]
+    seed: int
+    rotate: bool = True
+    wedge_mask: bool = True
+    interpolation: str = "cubic"
+    update_every: int | None = 10
+    check_val_every: int = 10
+    save_every: int | None = 50
+    keep_best_val: int = 1
+    precision: str = "32"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@dataclass
+class Banks:
+    """Rotation-ready crops `(n, S, S, S)`: tomo0 (model input) and tomo1 (target) halves."""
+
+    fit0: torch.Tensor
+    fit1: torch.Tensor
+    val0: torch.Tensor | None = None
+    val1: torch.Tensor | None = None
+
+
+@dataclass
+class Callbacks:
+    """Hooks for progress display; the loop itself never prints."""
+
+    on_step: Callable[[int, int, int, float], None] | None = None
+    on_epoch: Callable[[dict[str, Any]], None] | None = None
+
+
+def _autocast(settings: FitSettings):
+    if settings.precision == "bf16-mixed":
+        return torch.autocast(settings.device.type, dtype=torch.bfloat16)
+    return torch.autocast(settings.device.type, enabled=False)
+
+
+def _loss_of_batch(
+    model: DeWedgeModel,
+    crops0: torch.Tensor,
+    crops1: torch.Tensor,
+    settings: FitSettings,
+    mw_mask: torch.Tensor | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    batch = make_batch(
+        crops0.to(settings.device, non_blocking=True),
+        crops1.to(settings.device, non_blocking=True),
+        subtomo_size=settings.subtomo_size,
+        mw_mask=mw_mask,
+        mw_angle_deg=settings.mw_angle,
+        rotate=settings.rotate,
+        generator=generator,
+        interpolation=settings.interpolation,
+    )
+    with _autocast(settings):
+        output = model(batch.model_input)
+    weights = None
+    if batch.rot_mw_mask is not None:
+        weights = loss_weights(mw_mask, batch.rot_mw_mask)
+    return masked_fourier_loss(output, batch.target, weights)
+
+
+@torch.no_grad()
+def validation_loss(
+    model: DeWedgeModel, banks: Banks, settings: FitSettings, mw_mask: torch.Tensor | None
+) -> float:
+    """Mean loss over the validation bank with rotations fixed by the seed (comparable
+    from one epoch to the next)."""
+    assert banks.val0 is not None and banks.val1 is not None
+    generator = torch.Generator().manual_seed(settings.seed + VAL_SEED_OFFSET)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(banks.val0), settings.batch_size):
+        c0, c1 = banks.val0[i : i + settings.batch_size], banks.val1[i : i + settings.batch_size]
+        total += float(_loss_of_batch(model, c0, c1, settings, mw_mask, generator)) * len(c0)
+        count += len(c0)
+    model.train(was_training)
+    return total / count
+
+
+class CheckpointWriter:
+    """Writes latest / best-validation / every-n checkpoints and the bank states they need.
+
+    The model-input bank changes at every missing-wedge update, so each update is stored
+    once as ``input_bank_eNNNNN.pt``; a checkpoint names the bank state it belongs to, and
+    bank states no kept checkpoint names are removed.
+    """
+
+    def __init__(self, directory: Path, settings: FitSettings, extra: dict[str, Any]) -> None:
+        self.dir = directory
+        self.settings = settings
+        self.extra = extra
+        self.best: list[tuple[float, Path]] = []
+        self.kept_bank: dict[Path, str] = {}
+
+    def save_bank(self, epoch: int, banks: Banks) -> str:
+        name = f"input_bank_e{epoch:05d}.pt"
+        save_checkpoint(
+            self.dir / name,
+            {"fit0": banks.fit0.cpu(), "val0": None if banks.val0 is None else banks.val0.cpu()},
+        )
+        return name
+
+    def write(self, state: dict[str, Any], epoch: int, val_loss: float | None) -> None:
+        state = {**self.extra, **state}
+        paths = [self.dir / "latest.ckpt"]
+        if self.settings.save_every and (epoch + 1) % self.settings.save_every == 0:
+            paths.append(self.dir / f"epoch={epoch:05d}.ckpt")
+        if val_loss is not None and self.settings.keep_best_val > 0:
+            path = self.dir / f"best-val-epoch={epoch:05d}-val_loss={val_loss:.6f}.ckpt"
+            self.best.append((val_loss, path))
+            self.best.sort(key=lambda item: item[0])
+            if path in [p for _, p in self.best[: self.settings.keep_best_val]]:
+                paths.append(path)
+            for _, old in self.best[self.settings.keep_best_val :]:
+                old.unlink(missing_ok=True)
+                self.kept_bank.pop(old, None)
+            self.best = self.best[: self.settings.keep_best_val]
+        for path in paths:
+            self.kept_bank[path] = state["bank_file"]
+        state["best_checkpoints"] = [(v, str(p)) for v, p in self.best]
+        state["kept_banks"] = {str(p): b for p, b in self.kept_bank.items()}
+        for path in paths:
+            save_checkpoint(path, state)
+        self._remove_unused_banks()
+
+    def _remove_unused_banks(self) -> None:
+        used = set(self.kept_bank.values())
+        for bank in self.dir.glob("input_bank_e*.pt"):
+            if bank.name not in used:
+                bank.unlink(missing_ok=True)
+
+    def restore(self, resumed: dict[str, Any]) -> None:
+        """Rebuild bookkeeping from the checkpoint files on disk after a resume."""
+        self.best = [
+            (float(v), Path(p)) for v, p in resumed.get("best_checkpoints", []) if Path(p).exists()
+        ]
+        self.kept_bank = {Path(p): b for p, b in resumed.get("kept_banks", {}).items()
+                          if Path(p).exists()}
+
+
+def fit(
+    model: DeWedgeModel,
+    banks: Banks,
+    settings: FitSettings,
+    *,
+    checkpoint_dir: Path,
+    resume_from: Path | None = None,
+    extra_state: dict[str, Any] | None = None,
+    callbacks: Callbacks | None = None,
+) -> list[dict[str, Any]]:
+    """Fit `model` on the banks with the loss of Eq. (2) (or plain MSE in noise2noise mode).
+
+    Returns
+    -------
+    list of dict
+        One record per epoch: ``epoch``, ``fitting_loss``, ``val_loss`` (None when not
+        computed).
+
+    Notes
+    -----
+    A run is reproducible on CPU for a given seed: the model is initialised by the caller
+    under ``torch.manual_seed(seed)``, batches are shuffled and rotations drawn from one CPU
+    generator, and every checkpoint holds the generator, the global RNG, the optimiser, the
+    history and the current input-bank state, so a resumed run continues with the same losses.
+    """
+    callbacks = callbacks or Callbacks()
+    device = settings.device
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), **settings.adam_params)
+    generator = torch.Generator().manual_seed(settings.seed)
+    mw_mask = None
+    if settings.wedge_mask:
+        mw_mask = missing_wedge_mask(
+            (settings.subtomo_size,) * 3, mw_angle_deg=settings.mw_angle, device=device
+        )
+    writer = CheckpointWriter(checkpoint_dir, settings, extra_state or {})
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    bank_file = None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        _check_compatible(state, model, resume_from)
+        model.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        generator.set_state(state["generator_state"])
+        torch.set_rng_state(state["torch_rng_state"])
+        history = list(state["history"])
+        start_epoch = state["epoch"] + 1
+        bank_file = state["bank_file"]
+        if bank_file is not None:
+            bank = load_checkpoint(checkpoint_dir / bank_file)
+            banks.fit0, banks.val0 = bank["fit0"], bank["val0"]
+        writer.restore(state)
+        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+
+    n_fit = len(banks.fit0)
+    steps = math.ceil(n_fit / settings.batch_size)
+    model.train()
+    for epoch in range(start_epoch, settings.num_epochs):
+        if (
+            settings.update_every
+            and settings.wedge_mask
+            and epoch > 0
+            and epoch % settings.update_every == 0
+        ):
+            banks.fit0 = fill_missing_wedges(
+                model,
+                banks.fit0,
+                mw_angle_deg=settings.mw_angle,
+                size_multiple=model.size_multiple,
+                batch_size=settings.batch_size,
+                device=device,
+            )
+            if banks.val0 is not None:
+                banks.val0 = fill_missing_wedges(
+                    model,
+                    banks.val0,
+                    mw_angle_deg=settings.mw_angle,
+                    size_multiple=model.size_multiple,
+                    batch_size=settings.batch_size,
+                    device=device,
+                )
+            bank_file = writer.save_bank(epoch, banks)
+        perm = torch.randperm(n_fit, generator=generator)
+        running = torch.zeros((), device=device)
+        for step in range(steps):
+            idx = perm[step * settings.batch_size : (step + 1) * settings.batch_size]
+            loss = _loss_of_batch(
+                model, banks.fit0[idx], banks.fit1[idx], settings, mw_mask, generator
+            )
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"fitting loss became {float(loss)} at epoch {epoch}; lower the learning "
+                    "rate (adam_params_dict.lr) or standardize the tomograms"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.detach()
+            if callbacks.on_step is not None:
+                callbacks.on_step(epoch, step + 1, steps, float(running) / (step + 1))
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "fitting_loss": float(running) / steps,
+            "val_loss": None,
+        }
+        if banks.val0 is not None and (epoch + 1) % settings.check_val_every == 0:
+            record["val_loss"] = validation_loss(model, banks, settings, mw_mask)
+        history.append(record)
+        state = {
+            "model_state": model.state_dict(),
+            "optimizer_state": optimizer.state_dict(),
+            "generator_state": generator.get_state(),
+            "torch_rng_state": torch.get_rng_state(),
+            "epoch": epoch,
+            "history": history,
+            "bank_file": bank_file,
+        }
+        writer.write(state, epoch, record["val_loss"])
+        if callbacks.on_epoch is not None:
+            callbacks.on_epoch(record)
+    model.eval()
+    return history
+
+
+def _check_compatible(state: dict[str, Any], model: DeWedgeModel, path: Path) -> None:
+    own = model.state_dict()
+    theirs = state.get("model_state", {})
+    if own.keys() != theirs.keys() or any(own[k].shape != theirs[k].shape for k in own):
+        raise InputError(
+            f"{path}: checkpoint holds a different network architecture; use the same "
+            "unet_params_dict as the run that wrote it, or start without --resume"
+        )

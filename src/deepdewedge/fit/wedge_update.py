@@ -1,0 +1,69 @@
+"""Periodic missing-wedge update of the model-input bank."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deepdewedge.fourier import missing_wedge_mask
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int]:
+    n = x.shape[-1]
+    total = -n % multiple
+    lo = total // 2
+    if total:
+        x = nn.functional.pad(x, (lo, total - lo) * 3, mode="reflect")
+    return x, lo
+
+
+@torch.no_grad()
+def fill_missing_wedges(
+    model: nn.Module,
+    crops: torch.Tensor,
+    *,
+    mw_angle_deg: float,
+    size_multiple: int,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Replace the missing-wedge content of bank crops with the model's prediction.
+
+    Parameters
+    ----------
+    model
+        Maps `(b, 1, n, n, n)` to `(b, 1, n, n, n)` for n a multiple of `size_multiple`.
+    crops
+        `(n_crops, S, S, S)` model-input bank (tomo0 crops), any device.
+
+    Returns
+    -------
+    torch.Tensor
+        `(n_crops, S, S, S)` on the device of `crops`:
+        ``F⁻¹(M · F(crop) + (1 − M) · F(model(crop)))``.
+
+    Notes
+    -----
+    Only the input bank is updated, as in the published implementation: the measured data
+    outside the wedge is kept, while the wedge, which the network learns to fill from the
+    extra masks of Eq. (2), is replaced by its current estimate. Later inputs then carry less
+    missing-wedge artefact, closer to the inputs seen in refinement. Targets stay measured
+    data, which the loss needs.
+    """
+    was_training = model.training
+    model.eval()
+    big = crops.shape[-1]
+    mask = missing_wedge_mask((big,) * 3, mw_angle_deg=mw_angle_deg, device=device)
+    out = torch.empty_like(crops)
+    for i in range(0, len(crops), batch_size):
+        x = crops[i : i + batch_size].to(device)
+        padded, lo = _pad_to_multiple(x[:, None], size_multiple)
+        pred = model(padded)[:, 0, lo : lo + big, lo : lo + big, lo : lo + big]
+        spec = torch.fft.rfftn(x, dim=(-3, -2, -1))
+        spec_pred = torch.fft.rfftn(pred.float(), dim=(-3, -2, -1))
+        filled = torch.fft.irfftn(
+            mask * spec + (1 - mask) * spec_pred, s=x.shape[-3:], dim=(-3, -2, -1)
+        )
+        out[i : i + batch_size] = filled.to(out.device)
+    model.train(was_training)
+    return out

@@ -1,0 +1,353 @@
+"""The steps as users run them: config in, files in the project directory out.
+
+This is the only module that mixes file layout with the algorithms. Layout of a project::
+
+    {project_dir}/subtomos/{fitting,val}/subtomo{0,1}.npy   rotation-ready crop banks
+    {project_dir}/subtomos/metadata.json                     sizes, coordinates, sources
+    {project_dir}/logs/checkpoints/*.ckpt                    latest, best-val, every-n
+    {project_dir}/logs/losses.csv                            one row per epoch
+    {project_dir}/refined_tomograms/*.mrc                    refined tomograms (+ .json)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepdewedge import __version__
+from deepdewedge.config import FitModelConfig, PrepareDataConfig, RefineTomogramConfig
+from deepdewedge.fit.bank import bank_size, extract_crops, select_subtomos
+from deepdewedge.fit.batch import centre_crop
+from deepdewedge.fit.loop import Banks, Callbacks, FitSettings, fit
+from deepdewedge.io.checkpoint import load_checkpoint
+from deepdewedge.io.mrc import InputError, read_volume, write_volume
+from deepdewedge.model.unet import DeWedgeModel
+from deepdewedge.refine import refine_volume
+
+log = logging.getLogger(__name__)
+
+
+def subtomo_dir(project_dir: Path) -> Path:
+    """Folder of the sub-tomogram banks."""
+    return Path(project_dir) / "subtomos"
+
+
+def checkpoint_dir(project_dir: Path) -> Path:
+    """Folder of the checkpoints."""
+    return Path(project_dir) / "logs" / "checkpoints"
+
+
+def provenance(config: Any) -> dict[str, Any]:
+    """Config, package version and command line, recorded with every artefact."""
+    return {
+        "deepdewedge_version": __version__,
+        "command_line": " ".join(sys.argv),
+        "config": json.loads(config.model_dump_json()),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def resolve_device(gpu: int | list[int] | None) -> torch.device:
+    """The device a step runs on: the first listed GPU, or the CPU when none is named."""
+    if gpu is None or gpu == []:
+        return torch.device("cpu")
+    index = gpu[0] if isinstance(gpu, list) else gpu
+    if index < 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        raise InputError(
+            f"gpu {index} was requested but {torch.cuda.device_count()} CUDA device(s) are "
+            "visible; drop the gpu option to run on the CPU"
+        )
+    return torch.device("cuda", index)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _mean_std(volume: np.ndarray, chunk: int = 16) -> tuple[float, float]:
+    """Mean and standard deviation in float64, streamed over z slabs (memory-mapped input)."""
+    total, total_sq, n = 0.0, 0.0, 0
+    for z in range(0, volume.shape[0], chunk):
+        slab = np.asarray(volume[z : z + chunk], dtype=np.float64)
+        total += slab.sum()
+        total_sq += np.square(slab).sum()
+        n += slab.size
+    mean = total / n
+    return mean, float(np.sqrt(max(total_sq / n - mean**2, 0.0)))
+
+
+def _read_pair(tomo0_file: Path, tomo1_file: Path) -> tuple[np.ndarray, np.ndarray, float]:
+    tomo0, voxel0 = read_volume(tomo0_file)
+    tomo1, voxel1 = read_volume(tomo1_file)
+    if tomo0.shape != tomo1.shape:
+        raise InputError(
+            f"{tomo1_file}: shape {tomo1.shape} differs from {tomo0_file} {tomo0.shape}; "
+            "the two halves must come from the same reconstruction geometry"
+        )
+    if not np.isclose(voxel0, voxel1, rtol=1e-3):
+        log.warning("voxel sizes differ: %s %.3f Å, %s %.3f Å", tomo0_file, voxel0,
+                    tomo1_file, voxel1)
+    return tomo0, tomo1, voxel0
+
+
+def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
+    """Step 1 (from tomograms on): sub-tomogram banks for fitting and validation.
+
+    Returns
+    -------
+    dict
+        Counts of fitting and validation sub-tomograms and the bank folder.
+    """
+    out_dir = subtomo_dir(config.project_dir)
+    if (out_dir / "metadata.json").exists() and not config.overwrite:
+        raise InputError(
+            f"{out_dir}: sub-tomograms already prepared; pass --overwrite to replace them"
+        )
+    generator = torch.Generator().manual_seed(config.seed)
+    s = config.subtomo_size
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("fit0", "fit1", "val0", "val1")}
+    records = []
+    for i, (f0, f1) in enumerate(zip(config.tomo0_files, config.tomo1_files, strict=True)):
+        tomo0, tomo1, voxel_size = _read_pair(f0, f1)
+        if min(tomo0.shape) < s:
+            raise InputError(
+                f"{f0}: tomogram {tomo0.shape} is smaller than subtomo_size {s}; "
+                f"choose subtomo_size <= {min(tomo0.shape)}"
+            )
+        mask = None
+        if config.mask_files is not None:
+            mask, _ = read_volume(config.mask_files[i])
+            if mask.shape != tomo0.shape:
+                raise InputError(
+                    f"{config.mask_files[i]}: mask shape {mask.shape} differs from tomogram "
+                    f"{tomo0.shape}; make the mask from this tomogram"
+                )
+        if config.standardize_full_tomos:
+            for tomo in (tomo0, tomo1):
+                mean, std = _mean_std(tomo)
+                tomo -= mean
+                tomo /= std if std > 0 else 1.0
+        sel = select_subtomos(
+            tomo0.shape, subtomo_size=s, strides_zyx=config.strides, mask=mask,
+            min_nonzero_mask_fraction=config.min_nonzero_mask_fraction_in_subtomo,
+            val_fraction=config.val_fraction, generator=generator,
+        )
+        if len(sel.starts) == 0:
+            raise InputError(
+                f"{config.mask_files[i] if mask is not None else f0}: no sub-tomogram has "
+                f"{config.min_nonzero_mask_fraction_in_subtomo:.0%} of mask; lower "
+                "min_nonzero_mask_fraction_in_subtomo or check the mask"
+            )
+        for name, tomo in (("0", tomo0), ("1", tomo1)):
+            crops = extract_crops(tomo, sel.starts, subtomo_size=s)
+            parts["fit" + name].append(crops[~sel.is_val])
+            parts["val" + name].append(crops[sel.is_val])
+        records += [
+            {"tomo_index": i, "start_zyx": st, "split": "val" if v else "fitting"}
+            for st, v in zip(sel.starts.tolist(), sel.is_val.tolist(), strict=True)
+        ]
+        log.info("%s: %d fitting, %d validation sub-tomograms", f0,
+                 int((~sel.is_val).sum()), int(sel.is_val.sum()))
+    banks = {k: torch.cat(v).numpy() for k, v in parts.items()}
+    if len(banks["fit0"]) == 0:
+        raise InputError(
+            f"{config.tomo0_files[0]}: no fitting sub-tomograms left; lower val_fraction, "
+            "subtomo_size or subtomo_extraction_strides"
+        )
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    for split, key in (("fitting", "fit"), ("val", "val")):
+        for half in ("0", "1"):
+            _save_npy(out_dir / split / f"subtomo{half}.npy", banks[key + half])
+    _write_json(out_dir / "metadata.json", {
+        **provenance(config),
+        "subtomo_size": s,
+        "bank_size": bank_size(s),
+        "tomo0_files": [str(f) for f in config.tomo0_files],
+        "tomo1_files": [str(f) for f in config.tomo1_files],
+        "subtomos": records,
+    })
+    return {"n_fitting": len(banks["fit0"]), "n_val": len(banks["val0"]), "dir": out_dir}
+
+
+def load_banks(project_dir: Path, *, subtomo_size: int) -> Banks:
+    """Load the banks written by :func:`prepare_data`, checking they match `subtomo_size`."""
+    root = subtomo_dir(project_dir)
+    meta_file = root / "metadata.json"
+    if not meta_file.exists():
+        raise InputError(f"{meta_file}: not found; run `ddw prepare-data` for this project_dir")
+    meta = json.loads(meta_file.read_text())
+    if meta["subtomo_size"] != subtomo_size:
+        raise InputError(
+            f"{meta_file}: sub-tomograms were prepared with subtomo_size {meta['subtomo_size']}"
+            f", not {subtomo_size}; use the same subtomo_size or prepare again"
+        )
+
+    def load(split: str, half: str) -> torch.Tensor | None:
+        array = np.load(root / split / f"subtomo{half}.npy")
+        return torch.from_numpy(array) if len(array) else None
+
+    fit0, fit1 = load("fitting", "0"), load("fitting", "1")
+    assert fit0 is not None and fit1 is not None
+    return Banks(fit0=fit0, fit1=fit1, val0=load("val", "0"), val1=load("val", "1"))
+
+
+def build_model(unet_params: dict[str, Any]) -> DeWedgeModel:
+    """The network of a config or checkpoint."""
+    return DeWedgeModel(**unet_params)
+
+
+def fit_model(
+    config: FitModelConfig, *, callbacks: Callbacks | None = None
+) -> dict[str, Any]:
+    """Step 2: fit the network on the prepared banks; write checkpoints and the loss CSV.
+
+    Returns
+    -------
+    dict
+        ``history`` (one record per epoch), ``checkpoint`` (the latest) and
+        ``best_checkpoint`` (lowest validation loss, or the latest without validation).
+    """
+    banks = load_banks(config.project_dir, subtomo_size=config.subtomo_size)
+    ckpt_dir = checkpoint_dir(config.project_dir)
+    latest = ckpt_dir / "latest.ckpt"
+    if config.resume and not latest.exists():
+        raise InputError(f"{latest}: nothing to resume from; run fit-model without --resume")
+    if not config.resume and latest.exists():
+        shutil.rmtree(ckpt_dir)
+    device = resolve_device(config.gpu)
+    torch.manual_seed(config.seed)
+    unet_params = config.unet_params_dict.model_dump()
+    model = build_model(unet_params)
+    centre = centre_crop(banks.fit0, config.subtomo_size)
+    model.set_normalization(float(centre.mean()), float(centre.std()))
+    adam = config.adam_params_dict.model_dump()
+    adam["betas"] = tuple(adam["betas"])
+    settings = FitSettings(
+        subtomo_size=config.subtomo_size, mw_angle=config.mw_angle,
+        num_epochs=config.num_epochs, batch_size=config.batch_size, adam_params=adam,
+        seed=config.seed, rotate=config.rotate, wedge_mask=config.wedge_mask,
+        interpolation=config.interpolation,
+        update_every=config.update_subtomo_missing_wedges_every_n_epochs,
+        check_val_every=config.check_val_every_n_epochs,
+        save_every=config.save_model_every_n_epochs,
+        keep_best_val=config.save_n_models_with_lowest_val_loss,
+        precision=config.precision, device=device,
+    )
+    extra = {**provenance(config), "unet_params": unet_params,
+             "subtomo_size": config.subtomo_size, "mw_angle": config.mw_angle}
+    history = fit(model, banks, settings, checkpoint_dir=ckpt_dir,
+                  resume_from=latest if config.resume else None, extra_state=extra,
+                  callbacks=callbacks)
+    write_loss_csv(config.project_dir / "logs" / "losses.csv", history)
+    return {"history": history, "checkpoint": latest, "best_checkpoint": best_checkpoint(ckpt_dir)}
+
+
+def write_loss_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    """One row per epoch: epoch, fitting_loss, val_loss (empty when not computed)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["epoch", "fitting_loss", "val_loss"])
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def best_checkpoint(ckpt_dir: Path) -> Path:
+    """The checkpoint with the lowest validation loss, else the latest."""
+    best = sorted(ckpt_dir.glob("best-val-*.ckpt"),
+                  key=lambda p: float(p.stem.split("val_loss=")[1]))
+    return best[0] if best else ckpt_dir / "latest.ckpt"
+
+
+def load_model(path: Path) -> tuple[DeWedgeModel, dict[str, Any]]:
+    """Rebuild the fitted network stored in a checkpoint."""
+    state = load_checkpoint(path)
+    model = build_model(state["unet_params"])
+    try:
+        model.load_state_dict(state["model_state"])
+    except RuntimeError:
+        raise InputError(f"{path}: weights do not match the stored architecture; "
+                         "the checkpoint is damaged") from None
+    return model.eval(), state
+
+
+def refine_tomogram(
+    config: RefineTomogramConfig, *, progress: Callable[[int, int], None] | None = None
+) -> list[Path]:
+    """Step 3: refine tomograms with a fitted model and write them as MRC.
+
+    By default each pair (tomo0, tomo1) is refined half by half and averaged, as the
+    published tool does; with ``tomo_files`` the full tomograms are refined instead (the
+    paper's step 3). Returns the written paths.
+    """
+    ckpt = config.model_checkpoint_file or best_checkpoint(checkpoint_dir(config.project_dir))
+    model, state = load_model(ckpt)
+    if config.subtomo_size % model.size_multiple:
+        raise InputError(
+            f"subtomo_size {config.subtomo_size} is not divisible by {model.size_multiple}, "
+            "which this network needs; choose a multiple"
+        )
+    device = resolve_device(config.gpu)
+    model.to(device)
+    out_dir = config.output_dir or Path(config.project_dir) / "refined_tomograms"
+    autocast = torch.bfloat16 if config.precision == "bf16-mixed" else None
+    if config.tomo_files:
+        jobs = [([f], f"{Path(f).stem}_refined.mrc") for f in config.tomo_files]
+    else:
+        assert config.tomo0_files is not None and config.tomo1_files is not None
+        jobs = [([f0, f1], f"{Path(f0).stem}+{Path(f1).stem}_refined.mrc")
+                for f0, f1 in zip(config.tomo0_files, config.tomo1_files, strict=True)]
+    written = []
+    for files, name in jobs:
+        refined = None
+        voxel_size = 1.0
+        for f in files:
+            tomo, voxel_size = read_volume(f, mmap=True)
+            mean, std = _mean_std(tomo)
+            if not np.isfinite(std):
+                raise InputError(f"{f}: contains NaN or Inf voxels; fix them before refining")
+            if config.recompute_normalization:
+                model.set_normalization(mean, std if std > 0 else 1.0)
+            out = refine_volume(
+                model, tomo, subtomo_size=config.subtomo_size,
+                subtomo_overlap=config.subtomo_overlap, batch_size=config.batch_size,
+                device=device, autocast_dtype=autocast, progress=progress,
+            )
+            refined = out if refined is None else refined + out
+        assert refined is not None
+        refined /= len(files)
+        path = write_volume(out_dir / name, refined, voxel_size=voxel_size)
+        _write_json(path.with_suffix(".json"), {**provenance(config), "checkpoint": str(ckpt),
+                                                "inputs": [str(f) for f in files]})
+        written.append(path)
+    return written
