@@ -1,0 +1,192 @@
+"""The three steps through the CLI, in-process, on tiny tomograms."""
+
+import json
+
+import mrcfile
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from deepdewedge import fit_model, prepare_data, refine_tomogram
+from deepdewedge.cli import app
+from deepdewedge.config import step_config
+from deepdewedge.io.checkpoint import load_checkpoint
+
+runner = CliRunner()
+UNET = "{chans: 4, num_downsample_layers: 1}"
+
+
+def _write(path, data, voxel_size=7.5):
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(np.asarray(data, dtype=np.float32))
+        mrc.voxel_size = voxel_size
+    return path
+
+
+@pytest.fixture
+def halves(tmp_path):
+    rng = np.random.default_rng(0)
+    signal = rng.standard_normal((20, 28, 24)).astype(np.float32)
+    t0 = _write(tmp_path / "tomo0.mrc", signal + rng.standard_normal(signal.shape))
+    t1 = _write(tmp_path / "tomo1.mrc", signal + rng.standard_normal(signal.shape))
+    return t0, t1
+
+
+def _invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def _prepare(tmp_path, halves, *extra):
+    t0, t1 = halves
+    return _invoke("prepare-data", "--project-dir", tmp_path / "proj", "--tomo0-files", t0,
+                   "--tomo1-files", t1, "--subtomo-size", 8, "--val-fraction", 0.2,
+                   "--subtomo-extraction-strides", 6, "--subtomo-extraction-strides", 6,
+                   "--subtomo-extraction-strides", 6, *extra)
+
+
+def _fit(tmp_path, epochs, *extra):
+    return _invoke("fit-model", "--project-dir", tmp_path / "proj", "--subtomo-size", 8,
+                   "--unet-params-dict", UNET, "--num-epochs", epochs, "--batch-size", 4,
+                   "--update-subtomo-missing-wedges-every-n-epochs", 2,
+                   "--check-val-every-n-epochs", 1, "--interpolation", "linear", *extra)
+
+
+def test_prepare_fit_refine_cli(tmp_path, halves):
+    result = _prepare(tmp_path, halves)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "proj/subtomos/metadata.json").read_text())
+    assert meta["bank_size"] == 8 + 2 * 3  # ceil((√3 - 1) · 8 / 2) = 3
+    fit0 = np.load(tmp_path / "proj/subtomos/fitting/subtomo0.npy")
+    val0 = np.load(tmp_path / "proj/subtomos/val/subtomo0.npy")
+    assert fit0.shape[1:] == (14, 14, 14) and len(val0) >= 1
+    # Validation windows do not overlap fitting windows.
+    starts = {s["split"]: [] for s in meta["subtomos"]}
+    for s in meta["subtomos"]:
+        starts[s["split"]].append(s["start_zyx"])
+    for v in starts["val"]:
+        for f in starts["fitting"]:
+            assert any(abs(a - b) >= 8 for a, b in zip(v, f, strict=True))
+
+    result = _fit(tmp_path, 3)
+    assert result.exit_code == 0, result.output
+    ckpts = tmp_path / "proj/logs/checkpoints"
+    assert (ckpts / "latest.ckpt").exists() and list(ckpts.glob("best-val-*.ckpt"))
+    lines = (tmp_path / "proj/logs/losses.csv").read_text().splitlines()
+    assert lines[0] == "epoch,fitting_loss,val_loss" and len(lines) == 4
+
+    result = _invoke("refine-tomogram", "--project-dir", tmp_path / "proj", "--tomo0-files",
+                     halves[0], "--tomo1-files", halves[1], "--subtomo-size", 8,
+                     "--subtomo-overlap", 4)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "proj/refined_tomograms/tomo0+tomo1_refined.mrc"
+    with mrcfile.open(out) as mrc:
+        assert mrc.data.shape == (20, 28, 24)
+        assert mrc.voxel_size.x == pytest.approx(7.5)
+        assert np.isfinite(mrc.data).all()
+    assert json.loads(out.with_suffix(".json").read_text())["deepdewedge_version"]
+
+
+def test_resume_continues_to_the_same_losses(tmp_path, halves):
+    assert _prepare(tmp_path, halves).exit_code == 0
+    assert _fit(tmp_path, 5).exit_code == 0
+    straight = (tmp_path / "proj/logs/losses.csv").read_text()
+    assert _fit(tmp_path, 3).exit_code == 0  # a fresh run, stopped early
+    result = _fit(tmp_path, 5, "--resume")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "proj/logs/losses.csv").read_text() == straight
+
+
+def test_noise2noise_mode_and_python_api(tmp_path, halves):
+    t0, t1 = halves
+    prep = step_config("prepare_data", overrides={
+        "project_dir": tmp_path / "p", "tomo0_files": [t0], "tomo1_files": [t1],
+        "subtomo_size": 8, "val_fraction": 0.0})
+    assert prepare_data(prep)["n_val"] == 0
+    cfg = step_config("fit_model", overrides={
+        "project_dir": tmp_path / "p", "subtomo_size": 8, "num_epochs": 2, "batch_size": 2,
+        "unet_params_dict": {"chans": 4, "num_downsample_layers": 1}, "rotate": False,
+        "wedge_mask": False})
+    result = fit_model(cfg)
+    assert len(result["history"]) == 2 and result["best_checkpoint"].name == "latest.ckpt"
+    state = load_checkpoint(result["checkpoint"])
+    assert state["config"]["rotate"] is False and state["unet_params"]["chans"] == 4
+    ref = step_config("refine_tomogram", overrides={
+        "project_dir": tmp_path / "p", "tomo_files": [t0], "subtomo_size": 8,
+        "subtomo_overlap": 2})
+    (path,) = refine_tomogram(ref)
+    assert path.name == "tomo0_refined.mrc"
+
+
+def test_run_with_published_config_layout(tmp_path, halves):
+    t0, t1 = halves
+    config = {
+        "shared": {"project_dir": str(tmp_path / "proj"), "tomo0_files": [str(t0)],
+                   "tomo1_files": [str(t1)], "subtomo_size": 8, "mw_angle": 60,
+                   "num_workers": 0, "gpu": None, "seed": 3},
+        "prepare_data": {"subtomo_extraction_strides": [6, 6, 6], "val_fraction": 0.2,
+                         "min_nonzero_mask_fraction_in_subtomo": 0.3},
+        "fit_model": {"unet_params_dict": {"chans": 4, "num_downsample_layers": 1,
+                                           "drop_prob": 0.0},
+                      "adam_params_dict": {"lr": 4e-4}, "num_epochs": 2, "batch_size": 4,
+                      "update_subtomo_missing_wedges_every_n_epochs": 1,
+                      "check_val_every_n_epochs": 1, "save_n_models_with_lowest_val_loss": 2,
+                      "save_model_every_n_epochs": 1, "logger": "csv"},
+        "refine_tomogram": {"subtomo_overlap": 2, "batch_size": 3},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = _invoke("run", "--config", path)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "proj/refined_tomograms/tomo0+tomo1_refined.mrc").exists()
+    assert len(list((tmp_path / "proj/logs/checkpoints").glob("epoch=*.ckpt"))) == 2
+
+
+@pytest.mark.parametrize(
+    ("section", "content", "message"),
+    [
+        ("fit_model", {"num_epoch": 3}, "unknown key 'fit_model.num_epoch'"),
+        ("fit_model", {"batch_size": "five"}, "batch_size"),
+        ("banana", {}, "unknown section 'banana'"),
+        ("fit_model", {"unet_params_dict": {"chans": 4, "depth": 2}}, "depth"),
+    ],
+)
+def test_invalid_config_fails_with_one_line(tmp_path, section, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"shared": {"project_dir": str(tmp_path)}, section: content}))
+    result = _invoke("fit-model", "--config", path)
+    assert result.exit_code == 1
+    err = result.output.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and str(path) in err[0]
+
+
+def test_mismatched_halves_and_oversized_subtomo(tmp_path, halves):
+    bad = _write(tmp_path / "small.mrc", np.zeros((20, 28, 20)))
+    result = _invoke("prepare-data", "--project-dir", tmp_path / "p", "--tomo0-files",
+                     halves[0], "--tomo1-files", bad, "--subtomo-size", 8)
+    assert result.exit_code == 1 and "small.mrc" in result.output and "shape" in result.output
+    result = _invoke("prepare-data", "--project-dir", tmp_path / "p", "--tomo0-files",
+                     halves[0], "--tomo1-files", halves[1], "--subtomo-size", 32)
+    assert result.exit_code == 1 and "smaller than subtomo_size" in result.output
+
+
+def test_refuses_to_overwrite_prepared_data(tmp_path, halves):
+    assert _prepare(tmp_path, halves).exit_code == 0
+    result = _prepare(tmp_path, halves)
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    assert _prepare(tmp_path, halves, "--overwrite").exit_code == 0
+
+
+def test_seed_makes_fit_reproducible(tmp_path, halves):
+    assert _prepare(tmp_path, halves).exit_code == 0
+    assert _fit(tmp_path, 2).exit_code == 0
+    first = (tmp_path / "proj/logs/losses.csv").read_text()
+    assert _fit(tmp_path, 2).exit_code == 0
+    assert (tmp_path / "proj/logs/losses.csv").read_text() == first
+    torch.testing.assert_close(
+        load_checkpoint(tmp_path / "proj/logs/checkpoints/latest.ckpt")["model_state"]
+        ["input_scale"], torch.tensor(float(np.load(
+            tmp_path / "proj/subtomos/fitting/subtomo0.npy")[:, 3:11, 3:11, 3:11].std())),
+        rtol=1e-3, atol=0)
