@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deepdewedge.tiling import grid_starts
+from deepdewedge.tiling import extract_windows, grid_starts
 
 
 def bank_size(subtomo_size: int) -> int:
@@ -51,8 +51,9 @@ def select_subtomos(
 
     Windows come from a sliding window grid; those with less than
     `min_nonzero_mask_fraction` of mask are dropped. A random `val_fraction` of the kept
-    windows becomes the validation set, and fitting windows that overlap a validation window
-    are dropped so that validation regions are spatially disjoint from fitting regions.
+    windows, clustered around a random anchor, becomes the validation set, and fitting windows
+    that overlap a validation window are dropped so that validation regions are spatially
+    disjoint from fitting regions (validation loss is then not optimistic).
     """
     window = (subtomo_size,) * 3
     starts = grid_starts(shape_zyx, window, strides_zyx)
@@ -73,11 +74,14 @@ def select_subtomos(
     n_val = round(val_fraction * n)
     if val_fraction > 0 and n > 1:
         n_val = max(1, min(n_val, n - 1))
-    order = torch.randperm(n, generator=generator)
     is_val = torch.zeros(n, dtype=torch.bool)
-    is_val[order[:n_val]] = True
     if n_val:
-        # Drop fitting windows that overlap any validation window.
+        # Validation windows form one compact cluster around a random anchor, so that few
+        # fitting windows overlap them; those that do are dropped (spatially disjoint sets).
+        anchor = starts[torch.randint(n, (1,), generator=generator)].float()
+        jitter = torch.rand(n, generator=generator) * 1e-3
+        distance = (starts.float() - anchor).norm(dim=1) + jitter
+        is_val[distance.argsort()[:n_val]] = True
         diff = (starts[:, None, :] - starts[None, is_val, :]).abs()
         overlaps = (diff < subtomo_size).all(dim=-1).any(dim=1)
         keep = is_val | ~overlaps
@@ -103,14 +107,4 @@ def extract_crops(tomo: np.ndarray, starts: torch.Tensor, *, subtomo_size: int) 
     """
     big = bank_size(subtomo_size)
     margin = (big - subtomo_size) // 2
-    padded = torch.from_numpy(np.asarray(tomo, dtype=np.float32))
-    # Reflect padding needs the pad smaller than the axis; repeat for thin tomograms.
-    remaining = margin
-    while remaining > 0:
-        step = min(remaining, min(padded.shape) - 1)
-        padded = torch.nn.functional.pad(padded[None, None], (step,) * 6, mode="reflect")[0, 0]
-        remaining -= step
-    out = torch.empty((len(starts), big, big, big), dtype=torch.float32)
-    for i, (z, y, x) in enumerate(starts.tolist()):
-        out[i] = padded[z : z + big, y : y + big, x : x + big]
-    return out
+    return extract_windows(tomo, starts - margin, (big,) * 3, reflect=True)
