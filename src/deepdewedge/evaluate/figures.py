@@ -1,0 +1,150 @@
+"""Figures for inspecting tomograms and model fitting (matplotlib, Agg canvas, no pyplot)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["orthoslice_figure", "loss_curve_figure"]
+
+_COLUMN_TITLES = ("xy (z = d//2)", "xz (y = h//2)", "yz (x = w//2)", "log |FFT|² xz (ky = 0)")
+
+
+def _to_numpy(volume: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    if isinstance(volume, torch.Tensor):
+        array = volume.detach().to("cpu", torch.float64).numpy()
+    else:
+        array = np.asarray(volume, dtype=np.float64)
+    if array.ndim != 3:
+        raise ValueError(f"volume {name!r} must have shape (d, h, w), got {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"volume {name!r} is empty")
+    return array
+
+
+def _contrast_limits(image: np.ndarray, clip_std: float) -> tuple[float, float]:
+    mean, std = float(image.mean()), float(image.std())
+    if std == 0.0:
+        return mean - 1.0, mean + 1.0
+    return mean - clip_std * std, mean + clip_std * std
+
+
+def _central_power_slice(volume: np.ndarray) -> np.ndarray:
+    """Central (kz, kx) slice at ky = 0 of log(|FFT|²), fftshifted, shape `(d, w)`."""
+    spectrum = np.fft.fftshift(np.fft.fftn(volume - volume.mean()))
+    power = np.abs(spectrum[:, volume.shape[1] // 2, :]) ** 2
+    return np.log(power + 1e-12 * power.max() + 1e-30)
+
+
+def orthoslice_figure(
+    volumes: Mapping[str, np.ndarray | torch.Tensor],
+    *,
+    clip_std: float = 3.0,
+) -> Figure:
+    """Central orthogonal slices and the central xz power spectrum of named volumes.
+
+    Parameters
+    ----------
+    volumes : mapping of str to numpy.ndarray or torch.Tensor
+        Named volumes, each of shape `(d, h, w)` (shapes may differ between volumes). One row
+        per volume, in the mapping's order, titled with its name.
+    clip_std : float
+        Each slice is shown with grey levels from ``mean - clip_std * std`` to
+        ``mean + clip_std * std`` of that slice.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        A figure with ``4 * len(volumes)`` axes: per row the xy slice at ``z = d // 2``, the
+        xz slice at ``y = h // 2``, the yz slice at ``x = w // 2``, and the central xz slice
+        (``ky = 0``) of ``log |FFT|²`` with the zero frequency in the centre, where the missing
+        wedge shows as a dark double cone around the vertical kz axis. The figure is attached
+        to an Agg canvas and is not shown or saved.
+    """
+    if not isinstance(volumes, Mapping) or len(volumes) == 0:
+        raise ValueError("volumes must be a non-empty mapping of names to (d, h, w) volumes")
+    if not np.isfinite(clip_std) or clip_std <= 0:
+        raise ValueError(f"clip_std must be positive, got {clip_std!r}")
+    arrays = {str(name): _to_numpy(vol, str(name)) for name, vol in volumes.items()}
+
+    d0, h0, w0 = next(iter(arrays.values())).shape
+    width_ratios = [w0, w0, h0, w0]
+    row_height = max(h0, d0) / sum(width_ratios) * 12.0 + 0.6
+    fig = Figure(figsize=(12.0, row_height * len(arrays)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(arrays), 4, squeeze=False, width_ratios=width_ratios)
+    for row, (name, volume) in enumerate(arrays.items()):
+        d, h, w = volume.shape
+        panels = (
+            volume[d // 2],
+            volume[:, h // 2, :],
+            volume[:, :, w // 2],
+            _central_power_slice(volume),
+        )
+        for col, (ax, image) in enumerate(zip(axes[row], panels, strict=True)):
+            vmin, vmax = _contrast_limits(image, clip_std)
+            ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, aspect="equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(_COLUMN_TITLES[col], fontsize=8)
+        axes[row][0].set_ylabel(name, fontsize=10)
+    return fig
+
+
+def loss_curve_figure(
+    epochs: Sequence[float] | np.ndarray | torch.Tensor,
+    fitting_loss: Sequence[float] | np.ndarray | torch.Tensor,
+    val_loss: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+) -> Figure:
+    """Fitting (and validation) loss against epoch on a logarithmic y axis.
+
+    Parameters
+    ----------
+    epochs : array-like
+        Epoch numbers, shape `(n,)`.
+    fitting_loss : array-like
+        Loss on the fitting data at those epochs, shape `(n,)`, positive.
+    val_loss : array-like, optional
+        Loss on the validation data at the same epochs, shape `(n,)`, positive. Entries that
+        are None or NaN (epochs without validation) are skipped.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        A figure with one axes, attached to an Agg canvas, not shown or saved.
+    """
+
+    def as_1d(values, name: str) -> np.ndarray:
+        if isinstance(values, torch.Tensor):
+            values = values.detach().to("cpu", torch.float64).numpy()
+        array = np.asarray(values, dtype=np.float64)
+        if array.ndim != 1:
+            raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
+        return array
+
+    x = as_1d(epochs, "epochs")
+    curves = {"fitting loss": as_1d(fitting_loss, "fitting_loss")}
+    if val_loss is not None:
+        curves["validation loss"] = as_1d(val_loss, "val_loss")
+    for label, values in curves.items():
+        if values.shape != x.shape:
+            raise ValueError(f"{label} has {values.size} values but epochs has {x.size}")
+    if x.size == 0:
+        raise ValueError("epochs must not be empty")
+
+    fig = Figure(figsize=(5.0, 3.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for label, values in curves.items():
+        finite = np.isfinite(values)
+        ax.plot(x[finite], values[finite], marker="o", markersize=3, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend()
+    return fig
