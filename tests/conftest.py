@@ -3,8 +3,10 @@ import torch
 
 CUDA = pytest.param(
     "cuda",
-    marks=[pytest.mark.cuda,
-           pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")],
+    marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    ],
 )
 DEVICES = ["cpu", CUDA]
 

@@ -24,8 +24,13 @@ app = typer.Typer(
 )
 
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML config (sections shared, prepare_data, "
-                              "fit_model, refine_tomogram); options given here override it.")
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config (sections shared, prepare_data, "
+        "fit_model, refine_tomogram); options given here override it.",
+    ),
 ]
 ProjectOpt = Annotated[Path | None, typer.Option(help="Project directory.")]
 Tomo0Opt = Annotated[list[Path] | None, typer.Option(help="Half tomogram(s) 0 (MRC).")]
@@ -71,15 +76,24 @@ def _fit_callbacks(num_epochs: int) -> tuple[Callbacks, list[tqdm]]:
 
     def on_step(epoch: int, step: int, steps: int, running: float) -> None:
         if not bars:
-            bars.append(tqdm(total=num_epochs * steps, desc="fitting", unit="batch",
-                             initial=epoch * steps + step - 1, dynamic_ncols=True))
+            bars.append(
+                tqdm(
+                    total=num_epochs * steps,
+                    desc="fitting",
+                    unit="batch",
+                    initial=epoch * steps + step - 1,
+                    dynamic_ncols=True,
+                )
+            )
         bars[0].update(1)
         bars[0].set_postfix(epoch=epoch, loss=f"{running:.4g}", refresh=False)
 
     def on_epoch(record: dict[str, Any]) -> None:
         if record["val_loss"] is not None and bars:
-            bars[0].write(f"epoch {record['epoch']}: fitting loss {record['fitting_loss']:.5g}, "
-                          f"val loss {record['val_loss']:.5g}")
+            bars[0].write(
+                f"epoch {record['epoch']}: fitting loss {record['fitting_loss']:.5g}, "
+                f"val loss {record['val_loss']:.5g}"
+            )
 
     return Callbacks(on_step=on_step, on_epoch=on_epoch), bars
 
@@ -87,8 +101,10 @@ def _fit_callbacks(num_epochs: int) -> tuple[Callbacks, list[tqdm]]:
 def _run_prepare(config_file: Path | None, overrides: dict[str, Any]) -> None:
     config = step_config("prepare_data", config_file=config_file, overrides=overrides)
     result = pipeline.prepare_data(config)  # type: ignore[arg-type]
-    typer.echo(f"{result['n_fitting']} fitting and {result['n_val']} validation sub-tomograms "
-               f"in {result['dir']}")
+    typer.echo(
+        f"{result['n_fitting']} fitting and {result['n_val']} validation sub-tomograms "
+        f"in {result['dir']}"
+    )
 
 
 def _run_fit(config_file: Path | None, overrides: dict[str, Any]) -> None:
@@ -102,8 +118,9 @@ def _run_fit(config_file: Path | None, overrides: dict[str, Any]) -> None:
     last = result["history"][-1] if result["history"] else None
     if last is not None:
         typer.echo(f"fitting loss {last['fitting_loss']:.5g} after epoch {last['epoch']}")
-    typer.echo(f"checkpoints in {result['checkpoint'].parent} (best: "
-               f"{result['best_checkpoint'].name})")
+    typer.echo(
+        f"checkpoints in {result['checkpoint'].parent} (best: {result['best_checkpoint'].name})"
+    )
 
 
 def _run_refine(config_file: Path | None, overrides: dict[str, Any]) -> None:
@@ -134,7 +151,8 @@ def prepare_data_cmd(
     subtomo_size: SizeOpt = None,
     mw_angle: MwOpt = None,
     subtomo_extraction_strides: Annotated[
-        list[int] | None, typer.Option(help="Strides z y x (give three times).")] = None,
+        list[int] | None, typer.Option(help="Strides z y x (give three times).")
+    ] = None,
     min_nonzero_mask_fraction_in_subtomo: Annotated[float | None, typer.Option()] = None,
     val_fraction: Annotated[float | None, typer.Option()] = None,
     standardize_full_tomos: Annotated[bool | None, typer.Option()] = None,
@@ -152,19 +170,27 @@ def fit_model_cmd(
     project_dir: ProjectOpt = None,
     subtomo_size: SizeOpt = None,
     mw_angle: MwOpt = None,
-    unet_params_dict: Annotated[str | None, typer.Option(
-        help="U-Net options, e.g. '{chans: 32, num_downsample_layers: 3, drop_prob: 0}'.")] = None,
-    adam_params_dict: Annotated[str | None, typer.Option(help="Adam options, e.g. '{lr: 4e-4}'.")]
-    = None,
+    unet_params_dict: Annotated[
+        str | None,
+        typer.Option(
+            help="U-Net options, e.g. '{chans: 32, num_downsample_layers: 3, drop_prob: 0}'."
+        ),
+    ] = None,
+    adam_params_dict: Annotated[
+        str | None, typer.Option(help="Adam options, e.g. '{lr: 4e-4}'.")
+    ] = None,
     num_epochs: Annotated[int | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     update_subtomo_missing_wedges_every_n_epochs: Annotated[int | None, typer.Option()] = None,
     check_val_every_n_epochs: Annotated[int | None, typer.Option()] = None,
     save_model_every_n_epochs: Annotated[int | None, typer.Option()] = None,
-    rotate: Annotated[bool | None, typer.Option(
-        help="Random rotations (--no-rotate for noise2noise-only).")] = None,
-    wedge_mask: Annotated[bool | None, typer.Option(
-        help="Extra wedge and masked loss (--no-wedge-mask for noise2noise-only).")] = None,
+    rotate: Annotated[
+        bool | None, typer.Option(help="Random rotations (--no-rotate for noise2noise-only).")
+    ] = None,
+    wedge_mask: Annotated[
+        bool | None,
+        typer.Option(help="Extra wedge and masked loss (--no-wedge-mask for noise2noise-only)."),
+    ] = None,
     interpolation: Annotated[str | None, typer.Option(help="cubic (default) or linear.")] = None,
     precision: Annotated[str | None, typer.Option(help="32 or bf16-mixed (GPU).")] = None,
     gpu: GpuOpt = None,
@@ -185,10 +211,14 @@ def refine_tomogram_cmd(
     project_dir: ProjectOpt = None,
     tomo0_files: Tomo0Opt = None,
     tomo1_files: Tomo1Opt = None,
-    tomo_files: Annotated[list[Path] | None, typer.Option(
-        help="Full tomogram(s) to refine instead of averaging refined halves.")] = None,
-    model_checkpoint_file: Annotated[Path | None, typer.Option(
-        help="Checkpoint; default: best validation checkpoint of the project.")] = None,
+    tomo_files: Annotated[
+        list[Path] | None,
+        typer.Option(help="Full tomogram(s) to refine instead of averaging refined halves."),
+    ] = None,
+    model_checkpoint_file: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoint; default: best validation checkpoint of the project."),
+    ] = None,
     subtomo_size: SizeOpt = None,
     subtomo_overlap: Annotated[int | None, typer.Option()] = None,
     mw_angle: MwOpt = None,

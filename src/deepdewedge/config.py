@@ -147,8 +147,9 @@ class RefineTomogramConfig(_Step):
         if self.tomo_files:
             return self
         if not self.tomo0_files or not self.tomo1_files:
-            raise ValueError("give tomo0_files and tomo1_files (or tomo_files to refine full "
-                             "tomograms)")
+            raise ValueError(
+                "give tomo0_files and tomo1_files (or tomo_files to refine full tomograms)"
+            )
         if len(self.tomo0_files) != len(self.tomo1_files):
             raise ValueError("tomo0_files and tomo1_files must list the same number of files")
         return self

@@ -48,34 +48,67 @@ def run_demo(
     epochs = num_epochs or DEMO["num_epochs"]
     t_start = time.perf_counter()
     echo(f"simulating a {DEMO['shape_zyx']} tomogram, tilts ±60°, SNR {DEMO['snr']}")
-    sim = simulate_tomogram(DEMO["shape_zyx"], snr=DEMO["snr"],
-                            generator=torch.Generator().manual_seed(seed))
+    sim = simulate_tomogram(
+        DEMO["shape_zyx"], snr=DEMO["snr"], generator=torch.Generator().manual_seed(seed)
+    )
     data = output_dir / "data"
     files = {}
     for name in ("ground_truth", "tomo0", "tomo1", "tomo_full"):
-        files[name] = write_volume(data / f"{name}.mrc", sim[name].numpy(),
-                                   voxel_size=DEMO["voxel_size"])
+        files[name] = write_volume(
+            data / f"{name}.mrc", sim[name].numpy(), voxel_size=DEMO["voxel_size"]
+        )
     timings = {"simulate": time.perf_counter() - t_start}
 
     results: dict[str, np.ndarray] = {}
-    for method, switches in (("noise2noise", {"rotate": False, "wedge_mask": False}),
-                             ("deepdewedge", {})):
+    for method, switches in (
+        ("noise2noise", {"rotate": False, "wedge_mask": False}),
+        ("deepdewedge", {}),
+    ):
         t0 = time.perf_counter()
         project = output_dir / method
         shared = {"project_dir": project, "seed": seed, "subtomo_size": DEMO["subtomo_size"]}
-        pipeline.prepare_data(step_config("prepare_data", overrides={
-            **shared, "tomo0_files": [files["tomo0"]], "tomo1_files": [files["tomo1"]],
-            "subtomo_extraction_strides": DEMO["strides"], "val_fraction": 0.1,
-            "overwrite": True}))
+        pipeline.prepare_data(
+            step_config(
+                "prepare_data",
+                overrides={
+                    **shared,
+                    "tomo0_files": [files["tomo0"]],
+                    "tomo1_files": [files["tomo1"]],
+                    "subtomo_extraction_strides": DEMO["strides"],
+                    "val_fraction": 0.1,
+                    "overwrite": True,
+                },
+            )
+        )
         echo(f"fitting {method} for {epochs} epochs")
-        fitted = pipeline.fit_model(step_config("fit_model", overrides={
-            **shared, "unet_params_dict": DEMO["unet"], "adam_params_dict": {"lr": DEMO["lr"]},
-            "num_epochs": epochs, "batch_size": DEMO["batch_size"],
-            "check_val_every_n_epochs": 5, "save_model_every_n_epochs": None,
-            "update_subtomo_missing_wedges_every_n_epochs": 10, **switches}))
-        (path,) = pipeline.refine_tomogram(step_config("refine_tomogram", overrides={
-            **shared, "tomo0_files": [files["tomo0"]], "tomo1_files": [files["tomo1"]],
-            "model_checkpoint_file": fitted["checkpoint"], "subtomo_overlap": 8}))
+        fitted = pipeline.fit_model(
+            step_config(
+                "fit_model",
+                overrides={
+                    **shared,
+                    "unet_params_dict": DEMO["unet"],
+                    "adam_params_dict": {"lr": DEMO["lr"]},
+                    "num_epochs": epochs,
+                    "batch_size": DEMO["batch_size"],
+                    "check_val_every_n_epochs": 5,
+                    "save_model_every_n_epochs": None,
+                    "update_subtomo_missing_wedges_every_n_epochs": 10,
+                    **switches,
+                },
+            )
+        )
+        (path,) = pipeline.refine_tomogram(
+            step_config(
+                "refine_tomogram",
+                overrides={
+                    **shared,
+                    "tomo0_files": [files["tomo0"]],
+                    "tomo1_files": [files["tomo1"]],
+                    "model_checkpoint_file": fitted["checkpoint"],
+                    "subtomo_overlap": 8,
+                },
+            )
+        )
         results[method], _ = read_volume(path)
         loss_curve_figure(
             [r["epoch"] for r in fitted["history"]],
@@ -85,10 +118,17 @@ def run_demo(
         timings[method] = time.perf_counter() - t0
 
     gt = sim["ground_truth"].numpy()
-    volumes = {"ground truth": gt, "FBP": sim["tomo_full"].numpy(),
-               "noise2noise-only": results["noise2noise"], "DeepDeWedge": results["deepdewedge"]}
-    scores = {name: correlation_coefficient(vol, gt) for name, vol in volumes.items()
-              if name != "ground truth"}
+    volumes = {
+        "ground truth": gt,
+        "FBP": sim["tomo_full"].numpy(),
+        "noise2noise-only": results["noise2noise"],
+        "DeepDeWedge": results["deepdewedge"],
+    }
+    scores = {
+        name: correlation_coefficient(vol, gt)
+        for name, vol in volumes.items()
+        if name != "ground truth"
+    }
     figure = orthoslice_figure(volumes)
     figure.savefig(output_dir / "demo_orthoslices.png", dpi=100)
     echo("")
@@ -97,9 +137,11 @@ def run_demo(
     for name, cc in scores.items():
         echo(f"| {name:<17} | {cc:20.4f} |")
     echo("")
-    echo(f"timings: simulate {timings['simulate']:.0f} s, noise2noise "
-         f"{timings['noise2noise']:.0f} s, DeepDeWedge {timings['deepdewedge']:.0f} s, total "
-         f"{time.perf_counter() - t_start:.0f} s")
+    echo(
+        f"timings: simulate {timings['simulate']:.0f} s, noise2noise "
+        f"{timings['noise2noise']:.0f} s, DeepDeWedge {timings['deepdewedge']:.0f} s, total "
+        f"{time.perf_counter() - t_start:.0f} s"
+    )
     echo(f"refined tomogram: {output_dir / 'deepdewedge' / 'refined_tomograms'}")
     echo(f"figure: {output_dir / 'demo_orthoslices.png'}")
     return scores

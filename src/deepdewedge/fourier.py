@@ -127,6 +127,10 @@ def rotated_missing_wedge_mask(
         Real-space shape `(d, h, w)`.
     rotmats
         `(b, 3, 3)` rotations acting on zyx vectors (``v_R(p) = v(Rᵀ p)``).
+    mw_angle_deg, tilt_range_deg
+        The wedge before rotation, as in :func:`missing_wedge_mask`.
+    rfft
+        If True, only the `w // 2 + 1` non-negative kx frequencies.
 
     Returns
     -------

@@ -114,8 +114,9 @@ def _read_pair(tomo0_file: Path, tomo1_file: Path) -> tuple[np.ndarray, np.ndarr
             "the two halves must come from the same reconstruction geometry"
         )
     if not np.isclose(voxel0, voxel1, rtol=1e-3):
-        log.warning("voxel sizes differ: %s %.3f Å, %s %.3f Å", tomo0_file, voxel0,
-                    tomo1_file, voxel1)
+        log.warning(
+            "voxel sizes differ: %s %.3f Å, %s %.3f Å", tomo0_file, voxel0, tomo1_file, voxel1
+        )
     return tomo0, tomo1, voxel0
 
 
@@ -157,9 +158,13 @@ def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
                 tomo -= mean
                 tomo /= std if std > 0 else 1.0
         sel = select_subtomos(
-            tomo0.shape, subtomo_size=s, strides_zyx=config.strides, mask=mask,
+            tomo0.shape,
+            subtomo_size=s,
+            strides_zyx=config.strides,
+            mask=mask,
             min_nonzero_mask_fraction=config.min_nonzero_mask_fraction_in_subtomo,
-            val_fraction=config.val_fraction, generator=generator,
+            val_fraction=config.val_fraction,
+            generator=generator,
         )
         if len(sel.starts) == 0:
             raise InputError(
@@ -175,8 +180,12 @@ def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
             {"tomo_index": i, "start_zyx": st, "split": "val" if v else "fitting"}
             for st, v in zip(sel.starts.tolist(), sel.is_val.tolist(), strict=True)
         ]
-        log.info("%s: %d fitting, %d validation sub-tomograms", f0,
-                 int((~sel.is_val).sum()), int(sel.is_val.sum()))
+        log.info(
+            "%s: %d fitting, %d validation sub-tomograms",
+            f0,
+            int((~sel.is_val).sum()),
+            int(sel.is_val.sum()),
+        )
     banks = {k: torch.cat(v).numpy() for k, v in parts.items()}
     if len(banks["fit0"]) == 0:
         raise InputError(
@@ -188,14 +197,17 @@ def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
     for split, key in (("fitting", "fit"), ("val", "val")):
         for half in ("0", "1"):
             _save_npy(out_dir / split / f"subtomo{half}.npy", banks[key + half])
-    _write_json(out_dir / "metadata.json", {
-        **provenance(config),
-        "subtomo_size": s,
-        "bank_size": bank_size(s),
-        "tomo0_files": [str(f) for f in config.tomo0_files],
-        "tomo1_files": [str(f) for f in config.tomo1_files],
-        "subtomos": records,
-    })
+    _write_json(
+        out_dir / "metadata.json",
+        {
+            **provenance(config),
+            "subtomo_size": s,
+            "bank_size": bank_size(s),
+            "tomo0_files": [str(f) for f in config.tomo0_files],
+            "tomo1_files": [str(f) for f in config.tomo1_files],
+            "subtomos": records,
+        },
+    )
     return {"n_fitting": len(banks["fit0"]), "n_val": len(banks["val0"]), "dir": out_dir}
 
 
@@ -226,9 +238,7 @@ def build_model(unet_params: dict[str, Any]) -> DeWedgeModel:
     return DeWedgeModel(**unet_params)
 
 
-def fit_model(
-    config: FitModelConfig, *, callbacks: Callbacks | None = None
-) -> dict[str, Any]:
+def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> dict[str, Any]:
     """Step 2: fit the network on the prepared banks; write checkpoints and the loss CSV.
 
     Returns
@@ -253,21 +263,37 @@ def fit_model(
     adam = config.adam_params_dict.model_dump()
     adam["betas"] = tuple(adam["betas"])
     settings = FitSettings(
-        subtomo_size=config.subtomo_size, mw_angle=config.mw_angle,
-        num_epochs=config.num_epochs, batch_size=config.batch_size, adam_params=adam,
-        seed=config.seed, rotate=config.rotate, wedge_mask=config.wedge_mask,
+        subtomo_size=config.subtomo_size,
+        mw_angle=config.mw_angle,
+        num_epochs=config.num_epochs,
+        batch_size=config.batch_size,
+        adam_params=adam,
+        seed=config.seed,
+        rotate=config.rotate,
+        wedge_mask=config.wedge_mask,
         interpolation=config.interpolation,
         update_every=config.update_subtomo_missing_wedges_every_n_epochs,
         check_val_every=config.check_val_every_n_epochs,
         save_every=config.save_model_every_n_epochs,
         keep_best_val=config.save_n_models_with_lowest_val_loss,
-        precision=config.precision, device=device,
+        precision=config.precision,
+        device=device,
     )
-    extra = {**provenance(config), "unet_params": unet_params,
-             "subtomo_size": config.subtomo_size, "mw_angle": config.mw_angle}
-    history = fit(model, banks, settings, checkpoint_dir=ckpt_dir,
-                  resume_from=latest if config.resume else None, extra_state=extra,
-                  callbacks=callbacks)
+    extra = {
+        **provenance(config),
+        "unet_params": unet_params,
+        "subtomo_size": config.subtomo_size,
+        "mw_angle": config.mw_angle,
+    }
+    history = fit(
+        model,
+        banks,
+        settings,
+        checkpoint_dir=ckpt_dir,
+        resume_from=latest if config.resume else None,
+        extra_state=extra,
+        callbacks=callbacks,
+    )
     write_loss_csv(config.project_dir / "logs" / "losses.csv", history)
     return {"history": history, "checkpoint": latest, "best_checkpoint": best_checkpoint(ckpt_dir)}
 
@@ -284,8 +310,9 @@ def write_loss_csv(path: Path, history: list[dict[str, Any]]) -> None:
 
 def best_checkpoint(ckpt_dir: Path) -> Path:
     """The checkpoint with the lowest validation loss, else the latest."""
-    best = sorted(ckpt_dir.glob("best-val-*.ckpt"),
-                  key=lambda p: float(p.stem.split("val_loss=")[1]))
+    best = sorted(
+        ckpt_dir.glob("best-val-*.ckpt"), key=lambda p: float(p.stem.split("val_loss=")[1])
+    )
     return best[0] if best else ckpt_dir / "latest.ckpt"
 
 
@@ -296,8 +323,9 @@ def load_model(path: Path) -> tuple[DeWedgeModel, dict[str, Any]]:
     try:
         model.load_state_dict(state["model_state"])
     except RuntimeError:
-        raise InputError(f"{path}: weights do not match the stored architecture; "
-                         "the checkpoint is damaged") from None
+        raise InputError(
+            f"{path}: weights do not match the stored architecture; the checkpoint is damaged"
+        ) from None
     return model.eval(), state
 
 
@@ -325,8 +353,10 @@ def refine_tomogram(
         jobs = [([f], f"{Path(f).stem}_refined.mrc") for f in config.tomo_files]
     else:
         assert config.tomo0_files is not None and config.tomo1_files is not None
-        jobs = [([f0, f1], f"{Path(f0).stem}+{Path(f1).stem}_refined.mrc")
-                for f0, f1 in zip(config.tomo0_files, config.tomo1_files, strict=True)]
+        jobs = [
+            ([f0, f1], f"{Path(f0).stem}+{Path(f1).stem}_refined.mrc")
+            for f0, f1 in zip(config.tomo0_files, config.tomo1_files, strict=True)
+        ]
     written = []
     for files, name in jobs:
         refined = None
@@ -339,15 +369,22 @@ def refine_tomogram(
             if config.recompute_normalization:
                 model.set_normalization(mean, std if std > 0 else 1.0)
             out = refine_volume(
-                model, tomo, subtomo_size=config.subtomo_size,
-                subtomo_overlap=config.subtomo_overlap, batch_size=config.batch_size,
-                device=device, autocast_dtype=autocast, progress=progress,
+                model,
+                tomo,
+                subtomo_size=config.subtomo_size,
+                subtomo_overlap=config.subtomo_overlap,
+                batch_size=config.batch_size,
+                device=device,
+                autocast_dtype=autocast,
+                progress=progress,
             )
             refined = out if refined is None else refined + out
         assert refined is not None
         refined /= len(files)
         path = write_volume(out_dir / name, refined, voxel_size=voxel_size)
-        _write_json(path.with_suffix(".json"), {**provenance(config), "checkpoint": str(ckpt),
-                                                "inputs": [str(f) for f in files]})
+        _write_json(
+            path.with_suffix(".json"),
+            {**provenance(config), "checkpoint": str(ckpt), "inputs": [str(f) for f in files]},
+        )
         written.append(path)
     return written

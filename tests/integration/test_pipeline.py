@@ -41,17 +41,49 @@ def _invoke(*args):
 
 def _prepare(tmp_path, halves, *extra):
     t0, t1 = halves
-    return _invoke("prepare-data", "--project-dir", tmp_path / "proj", "--tomo0-files", t0,
-                   "--tomo1-files", t1, "--subtomo-size", 8, "--val-fraction", 0.2,
-                   "--subtomo-extraction-strides", 6, "--subtomo-extraction-strides", 6,
-                   "--subtomo-extraction-strides", 6, *extra)
+    return _invoke(
+        "prepare-data",
+        "--project-dir",
+        tmp_path / "proj",
+        "--tomo0-files",
+        t0,
+        "--tomo1-files",
+        t1,
+        "--subtomo-size",
+        8,
+        "--val-fraction",
+        0.2,
+        "--subtomo-extraction-strides",
+        6,
+        "--subtomo-extraction-strides",
+        6,
+        "--subtomo-extraction-strides",
+        6,
+        *extra,
+    )
 
 
 def _fit(tmp_path, epochs, *extra):
-    return _invoke("fit-model", "--project-dir", tmp_path / "proj", "--subtomo-size", 8,
-                   "--unet-params-dict", UNET, "--num-epochs", epochs, "--batch-size", 4,
-                   "--update-subtomo-missing-wedges-every-n-epochs", 2,
-                   "--check-val-every-n-epochs", 1, "--interpolation", "linear", *extra)
+    return _invoke(
+        "fit-model",
+        "--project-dir",
+        tmp_path / "proj",
+        "--subtomo-size",
+        8,
+        "--unet-params-dict",
+        UNET,
+        "--num-epochs",
+        epochs,
+        "--batch-size",
+        4,
+        "--update-subtomo-missing-wedges-every-n-epochs",
+        2,
+        "--check-val-every-n-epochs",
+        1,
+        "--interpolation",
+        "linear",
+        *extra,
+    )
 
 
 def test_prepare_fit_refine_cli(tmp_path, halves):
@@ -77,9 +109,19 @@ def test_prepare_fit_refine_cli(tmp_path, halves):
     lines = (tmp_path / "proj/logs/losses.csv").read_text().splitlines()
     assert lines[0] == "epoch,fitting_loss,val_loss" and len(lines) == 4
 
-    result = _invoke("refine-tomogram", "--project-dir", tmp_path / "proj", "--tomo0-files",
-                     halves[0], "--tomo1-files", halves[1], "--subtomo-size", 8,
-                     "--subtomo-overlap", 4)
+    result = _invoke(
+        "refine-tomogram",
+        "--project-dir",
+        tmp_path / "proj",
+        "--tomo0-files",
+        halves[0],
+        "--tomo1-files",
+        halves[1],
+        "--subtomo-size",
+        8,
+        "--subtomo-overlap",
+        4,
+    )
     assert result.exit_code == 0, result.output
     out = tmp_path / "proj/refined_tomograms/tomo0+tomo1_refined.mrc"
     with mrcfile.open(out) as mrc:
@@ -101,21 +143,42 @@ def test_resume_continues_to_the_same_losses(tmp_path, halves):
 
 def test_noise2noise_mode_and_python_api(tmp_path, halves):
     t0, t1 = halves
-    prep = step_config("prepare_data", overrides={
-        "project_dir": tmp_path / "p", "tomo0_files": [t0], "tomo1_files": [t1],
-        "subtomo_size": 8, "val_fraction": 0.0})
+    prep = step_config(
+        "prepare_data",
+        overrides={
+            "project_dir": tmp_path / "p",
+            "tomo0_files": [t0],
+            "tomo1_files": [t1],
+            "subtomo_size": 8,
+            "val_fraction": 0.0,
+        },
+    )
     assert prepare_data(prep)["n_val"] == 0
-    cfg = step_config("fit_model", overrides={
-        "project_dir": tmp_path / "p", "subtomo_size": 8, "num_epochs": 2, "batch_size": 2,
-        "unet_params_dict": {"chans": 4, "num_downsample_layers": 1}, "rotate": False,
-        "wedge_mask": False})
+    cfg = step_config(
+        "fit_model",
+        overrides={
+            "project_dir": tmp_path / "p",
+            "subtomo_size": 8,
+            "num_epochs": 2,
+            "batch_size": 2,
+            "unet_params_dict": {"chans": 4, "num_downsample_layers": 1},
+            "rotate": False,
+            "wedge_mask": False,
+        },
+    )
     result = fit_model(cfg)
     assert len(result["history"]) == 2 and result["best_checkpoint"].name == "latest.ckpt"
     state = load_checkpoint(result["checkpoint"])
     assert state["config"]["rotate"] is False and state["unet_params"]["chans"] == 4
-    ref = step_config("refine_tomogram", overrides={
-        "project_dir": tmp_path / "p", "tomo_files": [t0], "subtomo_size": 8,
-        "subtomo_overlap": 2})
+    ref = step_config(
+        "refine_tomogram",
+        overrides={
+            "project_dir": tmp_path / "p",
+            "tomo_files": [t0],
+            "subtomo_size": 8,
+            "subtomo_overlap": 2,
+        },
+    )
     (path,) = refine_tomogram(ref)
     assert path.name == "tomo0_refined.mrc"
 
@@ -123,17 +186,32 @@ def test_noise2noise_mode_and_python_api(tmp_path, halves):
 def test_run_with_published_config_layout(tmp_path, halves):
     t0, t1 = halves
     config = {
-        "shared": {"project_dir": str(tmp_path / "proj"), "tomo0_files": [str(t0)],
-                   "tomo1_files": [str(t1)], "subtomo_size": 8, "mw_angle": 60,
-                   "num_workers": 0, "gpu": None, "seed": 3},
-        "prepare_data": {"subtomo_extraction_strides": [6, 6, 6], "val_fraction": 0.2,
-                         "min_nonzero_mask_fraction_in_subtomo": 0.3},
-        "fit_model": {"unet_params_dict": {"chans": 4, "num_downsample_layers": 1,
-                                           "drop_prob": 0.0},
-                      "adam_params_dict": {"lr": 4e-4}, "num_epochs": 2, "batch_size": 4,
-                      "update_subtomo_missing_wedges_every_n_epochs": 1,
-                      "check_val_every_n_epochs": 1, "save_n_models_with_lowest_val_loss": 2,
-                      "save_model_every_n_epochs": 1, "logger": "csv"},
+        "shared": {
+            "project_dir": str(tmp_path / "proj"),
+            "tomo0_files": [str(t0)],
+            "tomo1_files": [str(t1)],
+            "subtomo_size": 8,
+            "mw_angle": 60,
+            "num_workers": 0,
+            "gpu": None,
+            "seed": 3,
+        },
+        "prepare_data": {
+            "subtomo_extraction_strides": [6, 6, 6],
+            "val_fraction": 0.2,
+            "min_nonzero_mask_fraction_in_subtomo": 0.3,
+        },
+        "fit_model": {
+            "unet_params_dict": {"chans": 4, "num_downsample_layers": 1, "drop_prob": 0.0},
+            "adam_params_dict": {"lr": 4e-4},
+            "num_epochs": 2,
+            "batch_size": 4,
+            "update_subtomo_missing_wedges_every_n_epochs": 1,
+            "check_val_every_n_epochs": 1,
+            "save_n_models_with_lowest_val_loss": 2,
+            "save_model_every_n_epochs": 1,
+            "logger": "csv",
+        },
         "refine_tomogram": {"subtomo_overlap": 2, "batch_size": 3},
     }
     path = tmp_path / "config.yaml"
@@ -164,11 +242,29 @@ def test_invalid_config_fails_with_one_line(tmp_path, section, content, message)
 
 def test_mismatched_halves_and_oversized_subtomo(tmp_path, halves):
     bad = _write(tmp_path / "small.mrc", np.zeros((20, 28, 20)))
-    result = _invoke("prepare-data", "--project-dir", tmp_path / "p", "--tomo0-files",
-                     halves[0], "--tomo1-files", bad, "--subtomo-size", 8)
+    result = _invoke(
+        "prepare-data",
+        "--project-dir",
+        tmp_path / "p",
+        "--tomo0-files",
+        halves[0],
+        "--tomo1-files",
+        bad,
+        "--subtomo-size",
+        8,
+    )
     assert result.exit_code == 1 and "small.mrc" in result.output and "shape" in result.output
-    result = _invoke("prepare-data", "--project-dir", tmp_path / "p", "--tomo0-files",
-                     halves[0], "--tomo1-files", halves[1], "--subtomo-size", 32)
+    result = _invoke(
+        "prepare-data",
+        "--project-dir",
+        tmp_path / "p",
+        "--tomo0-files",
+        halves[0],
+        "--tomo1-files",
+        halves[1],
+        "--subtomo-size",
+        32,
+    )
     assert result.exit_code == 1 and "smaller than subtomo_size" in result.output
 
 
@@ -186,7 +282,14 @@ def test_seed_makes_fit_reproducible(tmp_path, halves):
     assert _fit(tmp_path, 2).exit_code == 0
     assert (tmp_path / "proj/logs/losses.csv").read_text() == first
     torch.testing.assert_close(
-        load_checkpoint(tmp_path / "proj/logs/checkpoints/latest.ckpt")["model_state"]
-        ["input_scale"], torch.tensor(float(np.load(
-            tmp_path / "proj/subtomos/fitting/subtomo0.npy")[:, 3:11, 3:11, 3:11].std())),
-        rtol=1e-3, atol=0)
+        load_checkpoint(tmp_path / "proj/logs/checkpoints/latest.ckpt")["model_state"][
+            "input_scale"
+        ],
+        torch.tensor(
+            float(
+                np.load(tmp_path / "proj/subtomos/fitting/subtomo0.npy")[:, 3:11, 3:11, 3:11].std()
+            )
+        ),
+        rtol=1e-3,
+        atol=0,
+    )

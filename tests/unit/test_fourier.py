@@ -110,7 +110,8 @@ def test_apply_fourier_mask_removes_power_and_is_projection():
     assert once.square().sum() < x.square().sum()
     # Power kept matches the mask's share of the spectrum of white noise.
     assert (once.square().sum() / x.square().sum()).item() == pytest.approx(
-        missing_wedge_mask((16, 16, 16), mw_angle_deg=60, rfft=False).mean().item(), abs=0.03)
+        missing_wedge_mask((16, 16, 16), mw_angle_deg=60, rfft=False).mean().item(), abs=0.03
+    )
 
 
 def test_resolve_range_errors():

@@ -68,8 +68,9 @@ def test_error_only_in_unmeasured_target_region_costs_nothing():
     mr = rotated_missing_wedge_mask(shape, rot, mw_angle_deg=60)
     mr_full = rotated_missing_wedge_mask(shape, rot, mw_angle_deg=60, rfft=False)
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(4))
-    err = torch.fft.ifftn(torch.fft.fftn(x, dim=(-3, -2, -1)) * (1 - mr_full),
-                          dim=(-3, -2, -1)).real
+    err = torch.fft.ifftn(
+        torch.fft.fftn(x, dim=(-3, -2, -1)) * (1 - mr_full), dim=(-3, -2, -1)
+    ).real
     assert err.square().sum() > 1.0
     zero = torch.zeros_like(err)
     assert masked_fourier_loss(err, zero, loss_weights(m, mr)).item() < 1e-10

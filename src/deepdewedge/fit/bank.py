@@ -98,6 +98,8 @@ def extract_crops(tomo: np.ndarray, starts: torch.Tensor, *, subtomo_size: int) 
         `(d, h, w)` tomogram.
     starts
         `(n, 3)` window corners from :func:`select_subtomos`.
+    subtomo_size
+        Edge s of the fitting windows.
 
     Returns
     -------

@@ -52,12 +52,18 @@ def make_batch(
     ----------
     crops0, crops1
         `(b, S, S, S)` bank crops of tomo0 and tomo1 (``S >= √3 · subtomo_size``).
+    subtomo_size
+        Edge s of the model input and target.
     mw_mask
         `(s, s, s // 2 + 1)` wedge mask M added to the input, or None for no extra wedge.
+    mw_angle_deg
+        Opening angle of the target's own missing wedge (and of M).
     rotate
         Apply one uniformly random rotation per pair (the same for both halves).
     generator
         CPU generator for the rotations (reproducible across devices).
+    interpolation
+        ``"cubic"`` (B-spline) or ``"linear"`` rotation.
     """
     pairs = torch.stack([crops0, crops1], dim=1)
     if rotate:

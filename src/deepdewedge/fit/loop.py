@@ -99,8 +99,7 @@ def _loss_of_batch(
 def validation_loss(
     model: DeWedgeModel, banks: Banks, settings: FitSettings, mw_mask: torch.Tensor | None
 ) -> float:
-    """Mean loss over the validation bank with rotations fixed by the seed (comparable
-    from one epoch to the next)."""
+    """Mean loss over the validation bank, rotations fixed by the seed across epochs."""
     assert banks.val0 is not None and banks.val1 is not None
     generator = torch.Generator().manual_seed(settings.seed + VAL_SEED_OFFSET)
     was_training = model.training
@@ -130,6 +129,7 @@ class CheckpointWriter:
         self.kept_bank: dict[Path, str] = {}
 
     def save_bank(self, epoch: int, banks: Banks) -> str:
+        """Store the input banks after the update at `epoch`; return the file name."""
         name = f"input_bank_e{epoch:05d}.pt"
         save_checkpoint(
             self.dir / name,
@@ -138,6 +138,7 @@ class CheckpointWriter:
         return name
 
     def write(self, state: dict[str, Any], epoch: int, val_loss: float | None) -> None:
+        """Write the checkpoints due after `epoch` and drop those no longer kept."""
         state = {**self.extra, **state}
         paths = [self.dir / "latest.ckpt"]
         if self.settings.save_every and (epoch + 1) % self.settings.save_every == 0:
@@ -171,8 +172,9 @@ class CheckpointWriter:
         self.best = [
             (float(v), Path(p)) for v, p in resumed.get("best_checkpoints", []) if Path(p).exists()
         ]
-        self.kept_bank = {Path(p): b for p, b in resumed.get("kept_banks", {}).items()
-                          if Path(p).exists()}
+        self.kept_bank = {
+            Path(p): b for p, b in resumed.get("kept_banks", {}).items() if Path(p).exists()
+        }
 
 
 def fit(

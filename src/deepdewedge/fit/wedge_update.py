@@ -35,6 +35,14 @@ def fill_missing_wedges(
         Maps `(b, 1, n, n, n)` to `(b, 1, n, n, n)` for n a multiple of `size_multiple`.
     crops
         `(n_crops, S, S, S)` model-input bank (tomo0 crops), any device.
+    mw_angle_deg
+        Opening angle of the crops' missing wedge.
+    size_multiple
+        Crops are mirror-padded to a multiple of this for the network.
+    batch_size
+        Crops per forward pass.
+    device
+        Device the model runs on.
 
     Returns
     -------
