@@ -102,7 +102,7 @@ class FitModelConfig(_Step):
     check_val_every_n_epochs: int = Field(10, ge=1)
     save_model_every_n_epochs: int | None = Field(50, ge=1)
     save_n_models_with_lowest_val_loss: int = Field(1, ge=0)
-    save_n_models_with_lowest_fitting_loss: int | None = None
+    save_n_models_with_lowest_fitting_loss: int = Field(0, ge=0)
     logger: Literal["csv"] = "csv"
     distributed_backend: str | None = None
     rotate: bool = True

@@ -25,7 +25,7 @@ DEMO = {
     "subtomo_size": 32,
     "strides": [16, 16, 16],
     "unet": {"chans": 8, "num_downsample_layers": 2, "drop_prob": 0.0},
-    "num_epochs": 20,
+    "num_epochs": 30,
     "batch_size": 8,
     "lr": 1e-3,
 }
@@ -39,6 +39,9 @@ def run_demo(
     echo: Callable[[str], Any] = print,
 ) -> dict[str, float]:
     """Simulate, reconstruct, fit noise2noise-only and DeepDeWedge, refine, and compare.
+
+    Both models are refined from their checkpoint of lowest validation loss: noise2noise-only
+    fitting overfits to the noise without such early stopping (paper, section 2.2.3).
 
     Writes the simulated volumes, both projects, the refined tomograms and
     ``demo_orthoslices.png`` under `output_dir`, and returns the correlation coefficient of
@@ -90,7 +93,7 @@ def run_demo(
                     "adam_params_dict": {"lr": DEMO["lr"]},
                     "num_epochs": epochs,
                     "batch_size": DEMO["batch_size"],
-                    "check_val_every_n_epochs": 5,
+                    "check_val_every_n_epochs": 1,
                     "save_model_every_n_epochs": None,
                     "update_subtomo_missing_wedges_every_n_epochs": 10,
                     **switches,
@@ -104,7 +107,7 @@ def run_demo(
                     **shared,
                     "tomo0_files": [files["tomo0"]],
                     "tomo1_files": [files["tomo1"]],
-                    "model_checkpoint_file": fitted["checkpoint"],
+                    "model_checkpoint_file": fitted["best_checkpoint"],
                     "subtomo_overlap": 8,
                 },
             )

@@ -63,6 +63,8 @@ def resolve_device(gpu: int | list[int] | None) -> torch.device:
     """The device a step runs on: the first listed GPU, or the CPU when none is named."""
     if gpu is None or gpu == []:
         return torch.device("cpu")
+    if isinstance(gpu, list) and len(gpu) > 1:
+        log.warning("several GPUs given (%s); this step runs on GPU %d", gpu, gpu[0])
     index = gpu[0] if isinstance(gpu, list) else gpu
     if index < 0:
         return torch.device("cpu")
@@ -276,6 +278,7 @@ def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> 
         check_val_every=config.check_val_every_n_epochs,
         save_every=config.save_model_every_n_epochs,
         keep_best_val=config.save_n_models_with_lowest_val_loss,
+        keep_best_fit=config.save_n_models_with_lowest_fitting_loss,
         precision=config.precision,
         device=device,
     )

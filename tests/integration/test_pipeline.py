@@ -210,6 +210,7 @@ def test_run_with_published_config_layout(tmp_path, halves):
             "check_val_every_n_epochs": 1,
             "save_n_models_with_lowest_val_loss": 2,
             "save_model_every_n_epochs": 1,
+            "save_n_models_with_lowest_fitting_loss": 1,
             "logger": "csv",
         },
         "refine_tomogram": {"subtomo_overlap": 2, "batch_size": 3},
@@ -220,6 +221,8 @@ def test_run_with_published_config_layout(tmp_path, halves):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "proj/refined_tomograms/tomo0+tomo1_refined.mrc").exists()
     assert len(list((tmp_path / "proj/logs/checkpoints").glob("epoch=*.ckpt"))) == 2
+    assert len(list((tmp_path / "proj/logs/checkpoints").glob("best-fit-*.ckpt"))) == 1
+    assert len(list((tmp_path / "proj/logs/checkpoints").glob("best-val-*.ckpt"))) == 2
 
 
 @pytest.mark.parametrize(

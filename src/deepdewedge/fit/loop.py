@@ -41,6 +41,7 @@ class FitSettings:
     check_val_every: int = 10
     save_every: int | None = 50
     keep_best_val: int = 1
+    keep_best_fit: int = 0
     precision: str = "32"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -114,19 +115,23 @@ def validation_loss(
 
 
 class CheckpointWriter:
-    """Writes latest / best-validation / every-n checkpoints and the bank states they need.
+    """Writes latest / best / every-n checkpoints and the bank states they need.
 
-    The model-input bank changes at every missing-wedge update, so each update is stored
-    once as ``input_bank_eNNNNN.pt``; a checkpoint names the bank state it belongs to, and
-    bank states no kept checkpoint names are removed.
+    The best checkpoints are ranked by validation loss (``best-val-*``) and by fitting loss
+    (``best-fit-*``). The model-input bank changes at every missing-wedge update, so each
+    update is stored once as ``input_bank_eNNNNN.pt``; a checkpoint names the bank state it
+    belongs to, and bank states that no kept checkpoint names are removed.
     """
+
+    RANKINGS = {"val_loss": "best-val", "fitting_loss": "best-fit"}
 
     def __init__(self, directory: Path, settings: FitSettings, extra: dict[str, Any]) -> None:
         self.dir = directory
-        self.settings = settings
+        self.keep = {"val_loss": settings.keep_best_val, "fitting_loss": settings.keep_best_fit}
+        self.save_every = settings.save_every
         self.extra = extra
-        self.best: list[tuple[float, Path]] = []
-        self.kept_bank: dict[Path, str] = {}
+        self.best: dict[str, list[tuple[float, Path]]] = {k: [] for k in self.RANKINGS}
+        self.kept_bank: dict[Path, str | None] = {}
 
     def save_bank(self, epoch: int, banks: Banks) -> str:
         """Store the input banks after the update at `epoch`; return the file name."""
@@ -137,41 +142,42 @@ class CheckpointWriter:
         )
         return name
 
-    def write(self, state: dict[str, Any], epoch: int, val_loss: float | None) -> None:
-        """Write the checkpoints due after `epoch` and drop those no longer kept."""
+    def write(self, state: dict[str, Any], record: dict[str, Any]) -> None:
+        """Write the checkpoints due after the epoch of `record`; drop those no longer kept."""
         state = {**self.extra, **state}
+        epoch = record["epoch"]
         paths = [self.dir / "latest.ckpt"]
-        if self.settings.save_every and (epoch + 1) % self.settings.save_every == 0:
+        if self.save_every and (epoch + 1) % self.save_every == 0:
             paths.append(self.dir / f"epoch={epoch:05d}.ckpt")
-        if val_loss is not None and self.settings.keep_best_val > 0:
-            path = self.dir / f"best-val-epoch={epoch:05d}-val_loss={val_loss:.6f}.ckpt"
-            self.best.append((val_loss, path))
-            self.best.sort(key=lambda item: item[0])
-            if path in [p for _, p in self.best[: self.settings.keep_best_val]]:
+        for metric, prefix in self.RANKINGS.items():
+            value, keep = record[metric], self.keep[metric]
+            if value is None or keep <= 0:
+                continue
+            path = self.dir / f"{prefix}-epoch={epoch:05d}-{metric}={value:.6f}.ckpt"
+            ranked = sorted([*self.best[metric], (value, path)], key=lambda item: item[0])
+            if path in [p for _, p in ranked[:keep]]:
                 paths.append(path)
-            for _, old in self.best[self.settings.keep_best_val :]:
+            for _, old in ranked[keep:]:
                 old.unlink(missing_ok=True)
                 self.kept_bank.pop(old, None)
-            self.best = self.best[: self.settings.keep_best_val]
+            self.best[metric] = ranked[:keep]
         for path in paths:
             self.kept_bank[path] = state["bank_file"]
-        state["best_checkpoints"] = [(v, str(p)) for v, p in self.best]
+        state["best_checkpoints"] = {
+            m: [(v, str(p)) for v, p in ranked] for m, ranked in self.best.items()
+        }
         state["kept_banks"] = {str(p): b for p, b in self.kept_bank.items()}
         for path in paths:
             save_checkpoint(path, state)
-        self._remove_unused_banks()
-
-    def _remove_unused_banks(self) -> None:
         used = set(self.kept_bank.values())
         for bank in self.dir.glob("input_bank_e*.pt"):
             if bank.name not in used:
                 bank.unlink(missing_ok=True)
 
     def restore(self, resumed: dict[str, Any]) -> None:
-        """Rebuild bookkeeping from the checkpoint files on disk after a resume."""
-        self.best = [
-            (float(v), Path(p)) for v, p in resumed.get("best_checkpoints", []) if Path(p).exists()
-        ]
+        """Rebuild the bookkeeping from a resumed checkpoint."""
+        for metric, ranked in resumed.get("best_checkpoints", {}).items():
+            self.best[metric] = [(float(v), Path(p)) for v, p in ranked if Path(p).exists()]
         self.kept_bank = {
             Path(p): b for p, b in resumed.get("kept_banks", {}).items() if Path(p).exists()
         }
@@ -223,6 +229,8 @@ def fit(
         optimizer.load_state_dict(state["optimizer_state"])
         generator.set_state(state["generator_state"])
         torch.set_rng_state(state["torch_rng_state"])
+        if device.type == "cuda" and state.get("cuda_rng_state") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng_state"], device)
         history = list(state["history"])
         start_epoch = state["epoch"] + 1
         bank_file = state["bank_file"]
@@ -232,6 +240,7 @@ def fit(
         writer.restore(state)
         log.info("resumed from %s at epoch %d", resume_from, start_epoch)
 
+    _place_banks(banks, device)
     n_fit = len(banks.fit0)
     steps = math.ceil(n_fit / settings.batch_size)
     model.train()
@@ -291,15 +300,31 @@ def fit(
             "optimizer_state": optimizer.state_dict(),
             "generator_state": generator.get_state(),
             "torch_rng_state": torch.get_rng_state(),
+            "cuda_rng_state": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "epoch": epoch,
             "history": history,
             "bank_file": bank_file,
         }
-        writer.write(state, epoch, record["val_loss"])
+        writer.write(state, record)
         if callbacks.on_epoch is not None:
             callbacks.on_epoch(record)
     model.eval()
     return history
+
+
+def _place_banks(banks: Banks, device: torch.device) -> None:
+    """Keep the banks resident on the GPU when they take under a third of its free memory."""
+    if device.type != "cuda":
+        return
+    tensors = [t for t in (banks.fit0, banks.fit1, banks.val0, banks.val1) if t is not None]
+    free, _ = torch.cuda.mem_get_info(device)
+    if sum(t.numel() * t.element_size() for t in tensors) < free / 3:
+        for name in ("fit0", "fit1", "val0", "val1"):
+            tensor = getattr(banks, name)
+            if tensor is not None:
+                setattr(banks, name, tensor.to(device))
+    else:
+        log.info("sub-tomogram banks stay in host memory; batches are copied to %s", device)
 
 
 def _check_compatible(state: dict[str, Any], model: DeWedgeModel, path: Path) -> None:

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from deepdewedge.fit.wedge_update import fill_missing_wedges
+from deepdewedge.fourier import missing_wedge_mask
+from deepdewedge.model.unet import DeWedgeModel, UNet3D, count_parameters
+
+
+def test_reference_architecture_size():
+    # 64 channels, 3 down-sampling layers: 22.4 M parameters with this block layout.
+    assert count_parameters(UNet3D()) == pytest.approx(22.39e6, rel=0.01)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_shapes_and_size_multiple(depth):
+    model = DeWedgeModel(chans=4, num_downsample_layers=depth)
+    assert model.size_multiple == 2**depth
+    x = torch.randn(2, 1, 16, 16, 8)
+    assert model(x).shape == x.shape
+
+
+def test_normalisation_is_kept_in_state_dict_and_undone_on_output():
+    model = DeWedgeModel(chans=4, num_downsample_layers=1)
+    model.set_normalization(5.0, 3.0)
+    other = DeWedgeModel(chans=4, num_downsample_layers=1)
+    other.load_state_dict(model.state_dict())
+    assert other.input_loc.item() == 5.0 and other.input_scale.item() == 3.0
+    # Output scales with the input's units: f(a·x + b) = a·g(x) + b for matching stats.
+    x = torch.randn(1, 1, 8, 8, 8)
+    model.eval()
+    base = DeWedgeModel(chans=4, num_downsample_layers=1).eval()
+    base.load_state_dict(model.state_dict())
+    base.set_normalization(0.0, 1.0)
+    torch.testing.assert_close(model(3 * x + 5), 3 * base(x) + 5, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="positive"):
+        model.set_normalization(0.0, 0.0)
+
+
+class _Constant(torch.nn.Module):
+    def forward(self, x):
+        return torch.full_like(x, 2.0)
+
+
+def test_wedge_update_replaces_only_the_wedge():
+    crops = torch.randn(3, 14, 14, 14, generator=torch.Generator().manual_seed(0))
+    filled = fill_missing_wedges(
+        _Constant(),
+        crops,
+        mw_angle_deg=60,
+        size_multiple=4,
+        batch_size=2,
+        device=torch.device("cpu"),
+    )
+    mask = missing_wedge_mask((14, 14, 14), mw_angle_deg=60)
+    spec_in = torch.fft.rfftn(crops, dim=(-3, -2, -1))
+    spec_out = torch.fft.rfftn(filled, dim=(-3, -2, -1))
+    # Outside the wedge: the measured data, unchanged.
+    torch.testing.assert_close(spec_out * mask, spec_in * mask, atol=1e-3, rtol=1e-4)
+    # Inside the wedge: the prediction's spectrum (a constant has only the zero frequency,
+    # which lies outside the wedge), so the wedge is emptied.
+    assert (spec_out * (1 - mask)).abs().max() < 1e-3
+    assert (spec_in * (1 - mask)).abs().max() > 1.0
+
+
+def test_wedge_update_pads_odd_sizes_for_the_network():
+    model = DeWedgeModel(chans=2, num_downsample_layers=2)
+    crops = torch.randn(2, 13, 13, 13)
+    assert (
+        fill_missing_wedges(
+            model, crops, mw_angle_deg=60, size_multiple=4, batch_size=1, device=torch.device("cpu")
+        ).shape
+        == crops.shape
+    )
