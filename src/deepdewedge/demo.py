@@ -40,8 +40,10 @@ def run_demo(
 ) -> dict[str, float]:
     """Simulate, reconstruct, fit noise2noise-only and DeepDeWedge, refine, and compare.
 
-    Both models are refined from their checkpoint of lowest validation loss: noise2noise-only
-    fitting overfits to the noise without such early stopping (paper, section 2.2.3).
+    DeepDeWedge is refined from its last epoch, as in the paper (a fixed number of epochs; it
+    does not overfit). noise2noise-only fitting overfits to the noise, so, as for cryoCARE in
+    the paper's section 2.2.3, it is refined from its checkpoint of lowest validation loss
+    (early stopping).
 
     Writes the simulated volumes, both projects, the refined tomograms and
     ``demo_orthoslices.png`` under `output_dir`, and returns the correlation coefficient of
@@ -63,9 +65,9 @@ def run_demo(
     timings = {"simulate": time.perf_counter() - t_start}
 
     results: dict[str, np.ndarray] = {}
-    for method, switches in (
-        ("noise2noise", {"rotate": False, "wedge_mask": False}),
-        ("deepdewedge", {}),
+    for method, switches, checkpoint in (
+        ("noise2noise", {"rotate": False, "wedge_mask": False}, "best_checkpoint"),
+        ("deepdewedge", {}, "checkpoint"),
     ):
         t0 = time.perf_counter()
         project = output_dir / method
@@ -107,7 +109,7 @@ def run_demo(
                     **shared,
                     "tomo0_files": [files["tomo0"]],
                     "tomo1_files": [files["tomo1"]],
-                    "model_checkpoint_file": fitted["best_checkpoint"],
+                    "model_checkpoint_file": fitted[checkpoint],
                     "subtomo_overlap": 8,
                 },
             )
