@@ -196,6 +196,7 @@ def fit_model_cmd(
     gpu: GpuOpt = None,
     seed: SeedOpt = None,
     resume: Annotated[bool | None, typer.Option(help="Continue from latest.ckpt.")] = None,
+    overwrite: Annotated[bool | None, typer.Option(help="Discard an existing fit.")] = None,
 ) -> None:
     """Fit the U-Net with the masked Fourier loss on randomly rotated sub-tomogram pairs."""
     overrides = {k: v for k, v in locals().items() if k != "config"}
@@ -236,11 +237,13 @@ def refine_tomogram_cmd(
 @_friendly
 def run_cmd(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML config with all sections.")],
-    overwrite: Annotated[bool, typer.Option(help="Replace prepared data.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace prepared data and an existing fit.")
+    ] = False,
 ) -> None:
     """Run prepare-data, fit-model and refine-tomogram from one config."""
     _run_prepare(config, {"overwrite": overwrite or None})
-    _run_fit(config, {})
+    _run_fit(config, {"overwrite": overwrite or None})
     _run_refine(config, {})
 
 

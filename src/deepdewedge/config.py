@@ -110,6 +110,7 @@ class FitModelConfig(_Step):
     interpolation: Literal["cubic", "linear"] = "cubic"
     precision: Literal["32", "bf16-mixed"] = "32"
     resume: bool = False
+    overwrite: bool = False
 
     @model_validator(mode="after")
     def _divisible(self) -> FitModelConfig:

@@ -98,6 +98,7 @@ def run_demo(
                     "check_val_every_n_epochs": 1,
                     "save_model_every_n_epochs": None,
                     "update_subtomo_missing_wedges_every_n_epochs": 10,
+                    "overwrite": True,
                     **switches,
                 },
             )

@@ -255,6 +255,11 @@ def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> 
     if config.resume and not latest.exists():
         raise InputError(f"{latest}: nothing to resume from; run fit-model without --resume")
     if not config.resume and latest.exists():
+        if not config.overwrite:
+            raise InputError(
+                f"{latest}: a fit already exists; pass --resume to continue it or --overwrite "
+                "to start again and discard its checkpoints"
+            )
         shutil.rmtree(ckpt_dir)
     device = resolve_device(config.gpu)
     torch.manual_seed(config.seed)

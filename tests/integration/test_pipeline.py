@@ -135,7 +135,7 @@ def test_resume_continues_to_the_same_losses(tmp_path, halves):
     assert _prepare(tmp_path, halves).exit_code == 0
     assert _fit(tmp_path, 5).exit_code == 0
     straight = (tmp_path / "proj/logs/losses.csv").read_text()
-    assert _fit(tmp_path, 3).exit_code == 0  # a fresh run, stopped early
+    assert _fit(tmp_path, 3, "--overwrite").exit_code == 0  # a fresh run, stopped early
     result = _fit(tmp_path, 5, "--resume")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "proj/logs/losses.csv").read_text() == straight
@@ -282,7 +282,7 @@ def test_seed_makes_fit_reproducible(tmp_path, halves):
     assert _prepare(tmp_path, halves).exit_code == 0
     assert _fit(tmp_path, 2).exit_code == 0
     first = (tmp_path / "proj/logs/losses.csv").read_text()
-    assert _fit(tmp_path, 2).exit_code == 0
+    assert _fit(tmp_path, 2, "--overwrite").exit_code == 0
     assert (tmp_path / "proj/logs/losses.csv").read_text() == first
     torch.testing.assert_close(
         load_checkpoint(tmp_path / "proj/logs/checkpoints/latest.ckpt")["model_state"][
@@ -296,3 +296,18 @@ def test_seed_makes_fit_reproducible(tmp_path, halves):
         rtol=1e-3,
         atol=0,
     )
+
+
+def test_refuses_to_discard_an_existing_fit(tmp_path, halves):
+    assert _prepare(tmp_path, halves).exit_code == 0
+    assert _fit(tmp_path, 1).exit_code == 0
+    before = (tmp_path / "proj/logs/checkpoints/latest.ckpt").read_bytes()
+    result = _fit(tmp_path, 1)
+    assert result.exit_code == 1 and "--resume" in result.output and "--overwrite" in result.output
+    assert (tmp_path / "proj/logs/checkpoints/latest.ckpt").read_bytes() == before
+
+
+def test_standardize_full_tomos(tmp_path, halves):
+    assert _prepare(tmp_path, halves, "--standardize-full-tomos").exit_code == 0
+    bank = np.load(tmp_path / "proj/subtomos/fitting/subtomo1.npy")[:, 3:11, 3:11, 3:11]
+    assert abs(bank.mean()) < 0.1 and bank.std() == pytest.approx(1.0, abs=0.1)
