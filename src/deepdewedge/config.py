@@ -92,7 +92,8 @@ class PrepareDataConfig(_Step):
 class FitModelConfig(_Step):
     """``ddw fit-model``: fit the U-Net on the sub-tomogram banks."""
 
-    subtomo_size: int = Field(96, ge=8)
+    # None: the size the sub-tomograms were prepared with.
+    subtomo_size: int | None = Field(None, ge=8)
     mw_angle: float = Field(60.0, ge=0, lt=180)
     unet_params_dict: UNetParams = UNetParams()
     adam_params_dict: AdamParams = AdamParams()
@@ -114,12 +115,8 @@ class FitModelConfig(_Step):
 
     @model_validator(mode="after")
     def _divisible(self) -> FitModelConfig:
-        m = 2**self.unet_params_dict.num_downsample_layers
-        if self.subtomo_size % m:
-            raise ValueError(
-                f"subtomo_size {self.subtomo_size} must be divisible by 2**num_downsample_layers"
-                f" = {m}; choose e.g. {self.subtomo_size - self.subtomo_size % m + m}"
-            )
+        if self.subtomo_size is not None:
+            check_divisible(self.subtomo_size, 2**self.unet_params_dict.num_downsample_layers)
         return self
 
 
@@ -130,7 +127,8 @@ class RefineTomogramConfig(_Step):
     tomo1_files: list[Path] | None = None
     tomo_files: list[Path] | None = None
     model_checkpoint_file: Path | None = None
-    subtomo_size: int = Field(96, ge=8)
+    # None: the size the model was fitted on.
+    subtomo_size: int | None = Field(None, ge=8)
     subtomo_overlap: int = Field(32, ge=0)
     mw_angle: float = Field(60.0, ge=0, lt=180)
     batch_size: int = Field(8, ge=1)
@@ -140,11 +138,8 @@ class RefineTomogramConfig(_Step):
 
     @model_validator(mode="after")
     def _inputs(self) -> RefineTomogramConfig:
-        if self.subtomo_overlap >= self.subtomo_size:
-            raise ValueError(
-                f"subtomo_overlap ({self.subtomo_overlap}) must be smaller than subtomo_size "
-                f"({self.subtomo_size})"
-            )
+        if self.subtomo_size is not None:
+            check_overlap(self.subtomo_overlap, self.subtomo_size)
         if self.tomo_files:
             return self
         if not self.tomo0_files or not self.tomo1_files:
@@ -154,6 +149,24 @@ class RefineTomogramConfig(_Step):
         if len(self.tomo0_files) != len(self.tomo1_files):
             raise ValueError("tomo0_files and tomo1_files must list the same number of files")
         return self
+
+
+def check_divisible(subtomo_size: int, multiple: int) -> None:
+    """The U-Net halves sizes `log2(multiple)` times: sizes must divide evenly."""
+    if subtomo_size % multiple:
+        raise ValueError(
+            f"subtomo_size {subtomo_size} must be divisible by 2**num_downsample_layers = "
+            f"{multiple}; choose e.g. {subtomo_size - subtomo_size % multiple + multiple}"
+        )
+
+
+def check_overlap(subtomo_overlap: int, subtomo_size: int) -> None:
+    """Tiles must advance: the overlap is smaller than the tile."""
+    if subtomo_overlap >= subtomo_size:
+        raise ValueError(
+            f"subtomo_overlap ({subtomo_overlap}) must be smaller than subtomo_size "
+            f"({subtomo_size})"
+        )
 
 
 STEP_MODELS: dict[str, type[_Step]] = {

@@ -27,7 +27,13 @@ import numpy as np
 import torch
 
 from deepdewedge import __version__
-from deepdewedge.config import FitModelConfig, PrepareDataConfig, RefineTomogramConfig
+from deepdewedge.config import (
+    FitModelConfig,
+    PrepareDataConfig,
+    RefineTomogramConfig,
+    check_divisible,
+    check_overlap,
+)
 from deepdewedge.fit.bank import bank_size, extract_crops, select_subtomos
 from deepdewedge.fit.batch import centre_crop
 from deepdewedge.fit.loop import Banks, Callbacks, FitSettings, fit
@@ -213,14 +219,17 @@ def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
     return {"n_fitting": len(banks["fit0"]), "n_val": len(banks["val0"]), "dir": out_dir}
 
 
-def load_banks(project_dir: Path, *, subtomo_size: int) -> Banks:
-    """Load the banks written by :func:`prepare_data`, checking they match `subtomo_size`."""
+def load_banks(project_dir: Path, *, subtomo_size: int | None) -> tuple[Banks, int]:
+    """Load the banks written by :func:`prepare_data` and their sub-tomogram size.
+
+    A given `subtomo_size` must match the one the banks were prepared with.
+    """
     root = subtomo_dir(project_dir)
     meta_file = root / "metadata.json"
     if not meta_file.exists():
         raise InputError(f"{meta_file}: not found; run `ddw prepare-data` for this project_dir")
     meta = json.loads(meta_file.read_text())
-    if meta["subtomo_size"] != subtomo_size:
+    if subtomo_size is not None and meta["subtomo_size"] != subtomo_size:
         raise InputError(
             f"{meta_file}: sub-tomograms were prepared with subtomo_size {meta['subtomo_size']}"
             f", not {subtomo_size}; use the same subtomo_size or prepare again"
@@ -232,7 +241,8 @@ def load_banks(project_dir: Path, *, subtomo_size: int) -> Banks:
 
     fit0, fit1 = load("fitting", "0"), load("fitting", "1")
     assert fit0 is not None and fit1 is not None
-    return Banks(fit0=fit0, fit1=fit1, val0=load("val", "0"), val1=load("val", "1"))
+    banks = Banks(fit0=fit0, fit1=fit1, val0=load("val", "0"), val1=load("val", "1"))
+    return banks, int(meta["subtomo_size"])
 
 
 def build_model(unet_params: dict[str, Any]) -> DeWedgeModel:
@@ -249,7 +259,12 @@ def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> 
         ``history`` (one record per epoch), ``checkpoint`` (the latest) and
         ``best_checkpoint`` (lowest validation loss, or the latest without validation).
     """
-    banks = load_banks(config.project_dir, subtomo_size=config.subtomo_size)
+    banks, subtomo_size = load_banks(config.project_dir, subtomo_size=config.subtomo_size)
+    unet_params = config.unet_params_dict.model_dump()
+    try:
+        check_divisible(subtomo_size, 2 ** unet_params["num_downsample_layers"])
+    except ValueError as err:
+        raise InputError(f"{subtomo_dir(config.project_dir)}: {err}") from None
     ckpt_dir = checkpoint_dir(config.project_dir)
     latest = ckpt_dir / "latest.ckpt"
     if config.resume and not latest.exists():
@@ -263,14 +278,13 @@ def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> 
         shutil.rmtree(ckpt_dir)
     device = resolve_device(config.gpu)
     torch.manual_seed(config.seed)
-    unet_params = config.unet_params_dict.model_dump()
     model = build_model(unet_params)
-    centre = centre_crop(banks.fit0, config.subtomo_size)
+    centre = centre_crop(banks.fit0, subtomo_size)
     model.set_normalization(float(centre.mean()), float(centre.std()))
     adam = config.adam_params_dict.model_dump()
     adam["betas"] = tuple(adam["betas"])
     settings = FitSettings(
-        subtomo_size=config.subtomo_size,
+        subtomo_size=subtomo_size,
         mw_angle=config.mw_angle,
         num_epochs=config.num_epochs,
         batch_size=config.batch_size,
@@ -290,7 +304,7 @@ def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> 
     extra = {
         **provenance(config),
         "unet_params": unet_params,
-        "subtomo_size": config.subtomo_size,
+        "subtomo_size": subtomo_size,
         "mw_angle": config.mw_angle,
     }
     history = fit(
@@ -348,11 +362,12 @@ def refine_tomogram(
     """
     ckpt = config.model_checkpoint_file or best_checkpoint(checkpoint_dir(config.project_dir))
     model, state = load_model(ckpt)
-    if config.subtomo_size % model.size_multiple:
-        raise InputError(
-            f"subtomo_size {config.subtomo_size} is not divisible by {model.size_multiple}, "
-            "which this network needs; choose a multiple"
-        )
+    subtomo_size = config.subtomo_size or int(state["subtomo_size"])
+    try:
+        check_divisible(subtomo_size, model.size_multiple)
+        check_overlap(config.subtomo_overlap, subtomo_size)
+    except ValueError as err:
+        raise InputError(f"{ckpt}: {err}") from None
     device = resolve_device(config.gpu)
     model.to(device)
     out_dir = config.output_dir or Path(config.project_dir) / "refined_tomograms"
@@ -379,7 +394,7 @@ def refine_tomogram(
             out = refine_volume(
                 model,
                 tomo,
-                subtomo_size=config.subtomo_size,
+                subtomo_size=subtomo_size,
                 subtomo_overlap=config.subtomo_overlap,
                 batch_size=config.batch_size,
                 device=device,

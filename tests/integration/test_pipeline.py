@@ -158,7 +158,6 @@ def test_noise2noise_mode_and_python_api(tmp_path, halves):
         "fit_model",
         overrides={
             "project_dir": tmp_path / "p",
-            "subtomo_size": 8,
             "num_epochs": 2,
             "batch_size": 2,
             "unet_params_dict": {"chans": 4, "num_downsample_layers": 1},
@@ -170,12 +169,12 @@ def test_noise2noise_mode_and_python_api(tmp_path, halves):
     assert len(result["history"]) == 2 and result["best_checkpoint"].name == "latest.ckpt"
     state = load_checkpoint(result["checkpoint"])
     assert state["config"]["rotate"] is False and state["unet_params"]["chans"] == 4
+    assert state["subtomo_size"] == 8  # inherited from the prepared sub-tomograms
     ref = step_config(
         "refine_tomogram",
         overrides={
             "project_dir": tmp_path / "p",
             "tomo_files": [t0],
-            "subtomo_size": 8,
             "subtomo_overlap": 2,
         },
     )
