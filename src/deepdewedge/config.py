@@ -25,6 +25,7 @@ class _Step(BaseModel):
     project_dir: Path = Path("./ddw_project")
     seed: int = 42
     gpu: int | list[int] | None = None
+    # Accepted for published configs; banks live in memory, so no loader workers are used.
     num_workers: int = 0
 
 
@@ -104,6 +105,8 @@ class FitModelConfig(_Step):
     save_model_every_n_epochs: int | None = Field(50, ge=1)
     save_n_models_with_lowest_val_loss: int = Field(1, ge=0)
     save_n_models_with_lowest_fitting_loss: int = Field(0, ge=0)
+    # Accepted for published configs: losses always go to logs/losses.csv, and one process
+    # fits on the first listed GPU.
     logger: Literal["csv"] = "csv"
     distributed_backend: str | None = None
     rotate: bool = True
