@@ -37,6 +37,7 @@ class UNetParams(BaseModel):
     chans: int = Field(64, ge=1)
     num_downsample_layers: int = Field(3, ge=1)
     drop_prob: float = Field(0.0, ge=0.0, lt=1.0)
+    residual: bool = True
 
 
 class AdamParams(BaseModel):

@@ -35,7 +35,6 @@ from deepdewedge.config import (
     check_overlap,
 )
 from deepdewedge.fit.bank import bank_size, extract_crops, select_subtomos
-from deepdewedge.fit.batch import centre_crop
 from deepdewedge.fit.loop import Banks, Callbacks, FitSettings, fit
 from deepdewedge.io.checkpoint import load_checkpoint
 from deepdewedge.io.mrc import InputError, read_volume, write_volume
@@ -279,8 +278,6 @@ def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> 
     device = resolve_device(config.gpu)
     torch.manual_seed(config.seed)
     model = build_model(unet_params)
-    centre = centre_crop(banks.fit0, subtomo_size)
-    model.set_normalization(float(centre.mean()), float(centre.std()))
     adam = config.adam_params_dict.model_dump()
     adam["betas"] = tuple(adam["betas"])
     settings = FitSettings(

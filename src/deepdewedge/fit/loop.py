@@ -22,6 +22,7 @@ from deepdewedge.model.unet import DeWedgeModel
 log = logging.getLogger(__name__)
 
 VAL_SEED_OFFSET = 7919
+STATS_SEED_OFFSET = 104729
 
 
 @dataclass
@@ -112,6 +113,41 @@ def validation_loss(
         count += len(c0)
     model.train(was_training)
     return total / count
+
+
+@torch.no_grad()
+def model_input_statistics(
+    banks: Banks, settings: FitSettings, mw_mask: torch.Tensor | None
+) -> tuple[float, float]:
+    """Mean and standard deviation of the model inputs of one pass over the fitting bank.
+
+    The inputs are built exactly as in fitting (rotation, crop, extra wedge), with their own
+    seeded generator so that the fitting's random stream is untouched. Standardising with
+    these statistics gives the network unit-variance inputs; refinement standardises whole
+    tomograms the same way.
+    """
+    generator = torch.Generator().manual_seed(settings.seed + STATS_SEED_OFFSET)
+    total = torch.zeros((), dtype=torch.float64, device=settings.device)
+    total_sq = torch.zeros_like(total)
+    count = 0
+    for i in range(0, len(banks.fit0), settings.batch_size):
+        batch = make_batch(
+            banks.fit0[i : i + settings.batch_size].to(settings.device),
+            banks.fit1[i : i + settings.batch_size].to(settings.device),
+            subtomo_size=settings.subtomo_size,
+            mw_mask=mw_mask,
+            mw_angle_deg=settings.mw_angle,
+            rotate=settings.rotate,
+            generator=generator,
+            interpolation=settings.interpolation,
+        )
+        x = batch.model_input.double()
+        total += x.sum()
+        total_sq += x.square().sum()
+        count += x.numel()
+    mean = float(total) / count
+    std = max(float(total_sq) / count - mean**2, 0.0) ** 0.5
+    return mean, std if std > 0 else 1.0
 
 
 class CheckpointWriter:
@@ -241,6 +277,8 @@ def fit(
         log.info("resumed from %s at epoch %d", resume_from, start_epoch)
 
     _place_banks(banks, device)
+    if resume_from is None:
+        model.set_normalization(*model_input_statistics(banks, settings, mw_mask))
     n_fit = len(banks.fit0)
     steps = math.ceil(n_fit / settings.batch_size)
     model.train()
@@ -269,6 +307,8 @@ def fit(
                     device=device,
                 )
             bank_file = writer.save_bank(epoch, banks)
+            # Filled wedges carry signal: the inputs' statistics change with the bank.
+            model.set_normalization(*model_input_statistics(banks, settings, mw_mask))
         perm = torch.randperm(n_fit, generator=generator)
         running = torch.zeros((), device=device)
         for step in range(steps):

@@ -4,36 +4,41 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+_SLOPE = 0.05
 
 
-def _conv_block(c_in: int, c_out: int, drop_prob: float) -> nn.Sequential:
+def _conv_stack(channels: list[int], drop_prob: float) -> nn.Sequential:
+    """3×3×3 convolutions through `channels`, each followed by norm, dropout and leaky ReLU."""
     layers: list[nn.Module] = []
-    for c in (c_in, c_out):
+    for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
         layers += [
-            nn.Conv3d(c, c_out, kernel_size=3, padding=1, bias=False),
+            nn.Conv3d(c_in, c_out, kernel_size=3, padding=1),
             nn.InstanceNorm3d(c_out),
-            nn.LeakyReLU(0.2, inplace=True),
+            nn.Dropout3d(drop_prob),
+            nn.LeakyReLU(_SLOPE, inplace=True),
         ]
-        if drop_prob > 0:
-            layers.append(nn.Dropout3d(drop_prob))
     return nn.Sequential(*layers)
 
 
 class UNet3D(nn.Module):
-    """U-Net for volumes (Ronneberger et al.), the reference DeepDeWedge architecture.
+    """U-Net for volumes in the layout DeepDeWedge and IsoNet use.
+
+    Each level has three convolutions; down-sampling is a strided 3×3×3 convolution and
+    up-sampling a transposed one; skip connections are concatenated. With ``chans=64`` and
+    three down-sampling layers the network has 27.3 M parameters, the size the paper reports.
 
     Parameters
     ----------
     chans
-        Channels of the first level; doubled at each down-sampling (paper: 64).
+        Channels of the first level, doubled at each down-sampling (paper: 64).
     num_downsample_layers
         Number of 2× down-samplings (paper: 3). Input sizes must be divisible by
         ``2 ** num_downsample_layers``.
     drop_prob
         Dropout probability after each convolution (paper: 0 for DeepDeWedge).
-    in_chans, out_chans
-        Input and output channels.
+    residual
+        Add the input to the output, so that the network learns a correction of its input.
     """
 
     def __init__(
@@ -42,42 +47,55 @@ class UNet3D(nn.Module):
         chans: int = 64,
         num_downsample_layers: int = 3,
         drop_prob: float = 0.0,
-        in_chans: int = 1,
-        out_chans: int = 1,
+        residual: bool = True,
     ) -> None:
         super().__init__()
         self.num_downsample_layers = num_downsample_layers
-        self.down = nn.ModuleList([_conv_block(in_chans, chans, drop_prob)])
-        c = chans
-        for _ in range(num_downsample_layers - 1):
-            self.down.append(_conv_block(c, 2 * c, drop_prob))
-            c *= 2
-        self.bottleneck = _conv_block(c, 2 * c, drop_prob)
-        self.up_transpose = nn.ModuleList()
-        self.up = nn.ModuleList()
-        for _ in range(num_downsample_layers):
-            self.up_transpose.append(
+        self.residual = residual
+        widths = [chans * 2**level for level in range(num_downsample_layers)]
+        self.down = nn.ModuleList()
+        self.pool = nn.ModuleList()
+        c_in = 1
+        for c in widths:
+            self.down.append(_conv_stack([c_in, c, c, c], drop_prob))
+            self.pool.append(
                 nn.Sequential(
-                    nn.ConvTranspose3d(2 * c, c, kernel_size=2, stride=2, bias=False),
-                    nn.InstanceNorm3d(c),
-                    nn.LeakyReLU(0.2, inplace=True),
+                    nn.Conv3d(c, c, kernel_size=3, stride=2, padding=1),
+                    nn.LeakyReLU(_SLOPE, inplace=True),
                 )
             )
-            self.up.append(_conv_block(2 * c, c, drop_prob))
-            c //= 2
-        self.head = nn.Conv3d(2 * c, out_chans, kernel_size=1)
+            c_in = c
+        c = widths[-1]
+        self.bottleneck = nn.Sequential(
+            nn.Conv3d(c, 2 * c, kernel_size=3, padding=1),
+            nn.LeakyReLU(_SLOPE, inplace=True),
+            nn.Conv3d(2 * c, c, kernel_size=3, padding=1),
+        )
+        self.unpool = nn.ModuleList()
+        self.up = nn.ModuleList()
+        c_below = c
+        for c in reversed(widths):
+            self.unpool.append(
+                nn.ConvTranspose3d(c_below, c, kernel_size=3, stride=2, padding=1, output_padding=1)
+            )
+            self.up.append(_conv_stack([2 * c, c, c, c], drop_prob))
+            c_below = c
+        self.head = nn.Conv3d(widths[0], 1, kernel_size=1)
+        self.act = nn.LeakyReLU(_SLOPE, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map `(b, in_chans, d, h, w)` to `(b, out_chans, d, h, w)`."""
+        """Map `(b, 1, d, h, w)` to `(b, 1, d, h, w)`."""
         skips = []
-        for block in self.down:
-            x = block(x)
-            skips.append(x)
-            x = F.avg_pool3d(x, kernel_size=2)
-        x = self.bottleneck(x)
-        for transpose, block in zip(self.up_transpose, self.up, strict=True):
-            x = block(torch.cat([transpose(x), skips.pop()], dim=1))
-        return self.head(x)
+        out = x
+        for block, pool in zip(self.down, self.pool, strict=True):
+            out = block(out)
+            skips.append(out)
+            out = pool(out)
+        out = self.bottleneck(out)
+        for unpool, block in zip(self.unpool, self.up, strict=True):
+            out = block(self.act(torch.cat([unpool(out), skips.pop()], dim=1)))
+        out = self.head(out)
+        return out + x if self.residual else out
 
 
 class DeWedgeModel(nn.Module):
