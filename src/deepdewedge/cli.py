@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 import yaml
 from tqdm import tqdm
@@ -52,6 +53,9 @@ def _friendly(func):
         except (InputError, FloatingPointError) as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(code=1) from None
+        except torch.OutOfMemoryError:
+            typer.echo("error: out of GPU memory; lower batch_size (or subtomo_size)", err=True)
+            raise typer.Exit(code=1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted; resume fitting with --resume", err=True)
             raise typer.Exit(code=130) from None
@@ -88,7 +92,7 @@ def _fit_callbacks(num_epochs: int) -> tuple[Callbacks, list[tqdm]]:
         bars[0].update(1)
         bars[0].set_postfix(epoch=epoch, loss=f"{running:.4g}", refresh=False)
 
-    def on_epoch(record: dict[str, Any]) -> None:
+    def on_epoch(record: dict[str, Any], history: list[dict[str, Any]]) -> None:
         if record["val_loss"] is not None and bars:
             bars[0].write(
                 f"epoch {record['epoch']}: fitting loss {record['fitting_loss']:.5g}, "
@@ -107,7 +111,7 @@ def _run_prepare(config_file: Path | None, overrides: dict[str, Any]) -> None:
     )
 
 
-def _run_fit(config_file: Path | None, overrides: dict[str, Any]) -> None:
+def _run_fit(config_file: Path | None, overrides: dict[str, Any]) -> Path:
     config = step_config("fit_model", config_file=config_file, overrides=overrides)
     callbacks, bars = _fit_callbacks(config.num_epochs)  # type: ignore[attr-defined]
     try:
@@ -121,6 +125,7 @@ def _run_fit(config_file: Path | None, overrides: dict[str, Any]) -> None:
     typer.echo(
         f"checkpoints in {result['checkpoint'].parent} (best: {result['best_checkpoint'].name})"
     )
+    return result["best_checkpoint"]
 
 
 def _run_refine(config_file: Path | None, overrides: dict[str, Any]) -> None:
@@ -243,8 +248,9 @@ def run_cmd(
 ) -> None:
     """Run prepare-data, fit-model and refine-tomogram from one config."""
     _run_prepare(config, {"overwrite": overwrite or None})
-    _run_fit(config, {"overwrite": overwrite or None})
-    _run_refine(config, {})
+    checkpoint = _run_fit(config, {"overwrite": overwrite or None})
+    # Refine with the model just fitted, whatever checkpoint the file names.
+    _run_refine(config, {"model_checkpoint_file": checkpoint})
 
 
 @app.command("demo")

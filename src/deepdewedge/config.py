@@ -25,14 +25,15 @@ class _Step(BaseModel):
     project_dir: Path = Path("./ddw_project")
     seed: int = 42
     gpu: int | list[int] | None = None
-    # Accepted for published configs; banks live in memory, so no loader workers are used.
-    num_workers: int = 0
 
 
 class UNetParams(BaseModel):
     """Architecture of the U-Net (``unet_params_dict``)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    in_chans: Literal[1] = 1
+    out_chans: Literal[1] = 1
 
     chans: int = Field(64, ge=1)
     num_downsample_layers: int = Field(3, ge=1)
@@ -59,6 +60,7 @@ class PrepareDataConfig(_Step):
     tomo1_files: list[Path]
     subtomo_size: int = Field(96, ge=8)
     mw_angle: float = Field(60.0, ge=0, lt=180)
+    subtomo_dir: Path | None = None  # default: {project_dir}/subtomos
     mask_files: list[Path] | None = None
     min_nonzero_mask_fraction_in_subtomo: float = Field(0.3, ge=0, le=1)
     subtomo_extraction_strides: list[int] | None = None
@@ -96,6 +98,8 @@ class FitModelConfig(_Step):
 
     # None: the size the sub-tomograms were prepared with.
     subtomo_size: int | None = Field(None, ge=8)
+    subtomo_dir: Path | None = None  # default: {project_dir}/subtomos
+    logdir: Path | None = None  # default: {project_dir}/logs
     mw_angle: float = Field(60.0, ge=0, lt=180)
     unet_params_dict: UNetParams = UNetParams()
     adam_params_dict: AdamParams = AdamParams()
@@ -106,15 +110,16 @@ class FitModelConfig(_Step):
     save_model_every_n_epochs: int | None = Field(50, ge=1)
     save_n_models_with_lowest_val_loss: int = Field(1, ge=0)
     save_n_models_with_lowest_fitting_loss: int = Field(0, ge=0)
-    # Accepted for published configs: losses always go to logs/losses.csv, and one process
-    # fits on the first listed GPU.
-    logger: Literal["csv"] = "csv"
+    # Accepted for published configs: losses always go to {logdir}/losses.csv, and one
+    # process fits on the first listed GPU.
+    logger: Literal["csv", "tensorboard"] = "csv"
     distributed_backend: str | None = None
     rotate: bool = True
     wedge_mask: bool = True
     interpolation: Literal["cubic", "linear"] = "cubic"
     precision: Literal["32", "bf16-mixed"] = "32"
     resume: bool = False
+    resume_from_checkpoint: Path | None = None
     overwrite: bool = False
 
     @model_validator(mode="after")
@@ -130,10 +135,11 @@ class RefineTomogramConfig(_Step):
     tomo0_files: list[Path] | None = None
     tomo1_files: list[Path] | None = None
     tomo_files: list[Path] | None = None
-    model_checkpoint_file: Path | None = None
+    model_checkpoint_file: Path | None = None  # default: best checkpoint under logdir
+    logdir: Path | None = None  # default: {project_dir}/logs
     # None: the size the model was fitted on.
     subtomo_size: int | None = Field(None, ge=8)
-    subtomo_overlap: int = Field(32, ge=0)
+    subtomo_overlap: int | None = Field(None, ge=0)  # default: ceil(subtomo_size / 3)
     mw_angle: float = Field(60.0, ge=0, lt=180)
     batch_size: int = Field(8, ge=1)
     recompute_normalization: bool = True
@@ -142,7 +148,7 @@ class RefineTomogramConfig(_Step):
 
     @model_validator(mode="after")
     def _inputs(self) -> RefineTomogramConfig:
-        if self.subtomo_size is not None:
+        if self.subtomo_size is not None and self.subtomo_overlap is not None:
             check_overlap(self.subtomo_overlap, self.subtomo_size)
         if self.tomo_files:
             return self
@@ -178,7 +184,18 @@ STEP_MODELS: dict[str, type[_Step]] = {
     "fit_model": FitModelConfig,
     "refine_tomogram": RefineTomogramConfig,
 }
-KNOWN_KEYS = set().union(*(m.model_fields for m in STEP_MODELS.values()))
+# Options of the published tool that have no effect here: data stays in memory (no loader
+# workers), crops always get a √3 margin and mirror padding, results are always written.
+IGNORED_KEYS = frozenset(
+    {
+        "num_workers",
+        "pad_before_subtomo_extraction",
+        "extract_larger_subtomos_for_rotating",
+        "verbose",
+        "return_tomos",
+    }
+)
+KNOWN_KEYS = set().union(*(m.model_fields for m in STEP_MODELS.values())) | IGNORED_KEYS
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -202,7 +219,11 @@ def read_config_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         if body is not None and not isinstance(body, dict):
             raise InputError(f"{path}: section '{section}' must be a mapping of keys to values")
         for key in body or {}:
-            known = KNOWN_KEYS if section == "shared" else STEP_MODELS[section].model_fields
+            known = (
+                KNOWN_KEYS
+                if section == "shared"
+                else set(STEP_MODELS[section].model_fields) | IGNORED_KEYS
+            )
             if key not in known:
                 raise InputError(f"{path}: unknown key '{section}.{key}'; check its spelling")
     return {section: dict(raw.get(section) or {}) for section in SECTIONS}
@@ -225,9 +246,14 @@ def step_config(
     if config_file is not None:
         sections = read_config_file(config_file)
         values.update({k: v for k, v in sections["shared"].items() if k in model.model_fields})
-        values.update(sections[step])
+        values.update({k: v for k, v in sections[step].items() if k not in IGNORED_KEYS})
         source = str(config_file)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            value = {**values[key], **value}  # e.g. one U-Net option on top of the file's
+        values[key] = value
     try:
         return model(**values)
     except ValidationError as err:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,14 +46,14 @@ from deepdewedge.refine import refine_volume
 log = logging.getLogger(__name__)
 
 
-def subtomo_dir(project_dir: Path) -> Path:
-    """Folder of the sub-tomogram banks."""
-    return Path(project_dir) / "subtomos"
+def subtomo_dir(config: PrepareDataConfig | FitModelConfig) -> Path:
+    """Folder of the sub-tomogram banks: ``subtomo_dir``, else ``{project_dir}/subtomos``."""
+    return Path(config.subtomo_dir or Path(config.project_dir) / "subtomos")
 
 
-def checkpoint_dir(project_dir: Path) -> Path:
-    """Folder of the checkpoints."""
-    return Path(project_dir) / "logs" / "checkpoints"
+def log_dir(config: FitModelConfig | RefineTomogramConfig) -> Path:
+    """Folder of the loss CSV and the checkpoints: ``logdir``, else ``{project_dir}/logs``."""
+    return Path(getattr(config, "logdir", None) or Path(config.project_dir) / "logs")
 
 
 def provenance(config: Any) -> dict[str, Any]:
@@ -135,7 +137,7 @@ def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
     dict
         Counts of fitting and validation sub-tomograms and the bank folder.
     """
-    out_dir = subtomo_dir(config.project_dir)
+    out_dir = subtomo_dir(config)
     if (out_dir / "metadata.json").exists() and not config.overwrite:
         raise InputError(
             f"{out_dir}: sub-tomograms already prepared; pass --overwrite to replace them"
@@ -208,6 +210,7 @@ def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
         out_dir / "metadata.json",
         {
             **provenance(config),
+            "bank_id": uuid.uuid4().hex,
             "subtomo_size": s,
             "bank_size": bank_size(s),
             "tomo0_files": [str(f) for f in config.tomo0_files],
@@ -218,12 +221,11 @@ def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
     return {"n_fitting": len(banks["fit0"]), "n_val": len(banks["val0"]), "dir": out_dir}
 
 
-def load_banks(project_dir: Path, *, subtomo_size: int | None) -> tuple[Banks, int]:
-    """Load the banks written by :func:`prepare_data` and their sub-tomogram size.
+def load_banks(root: Path, *, subtomo_size: int | None) -> tuple[Banks, dict[str, Any]]:
+    """Load the banks written by :func:`prepare_data` from `root` and their metadata.
 
     A given `subtomo_size` must match the one the banks were prepared with.
     """
-    root = subtomo_dir(project_dir)
     meta_file = root / "metadata.json"
     if not meta_file.exists():
         raise InputError(f"{meta_file}: not found; run `ddw prepare-data` for this project_dir")
@@ -241,7 +243,7 @@ def load_banks(project_dir: Path, *, subtomo_size: int | None) -> tuple[Banks, i
     fit0, fit1 = load("fitting", "0"), load("fitting", "1")
     assert fit0 is not None and fit1 is not None
     banks = Banks(fit0=fit0, fit1=fit1, val0=load("val", "0"), val1=load("val", "1"))
-    return banks, int(meta["subtomo_size"])
+    return banks, meta
 
 
 def build_model(unet_params: dict[str, Any]) -> DeWedgeModel:
@@ -258,23 +260,24 @@ def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> 
         ``history`` (one record per epoch), ``checkpoint`` (the latest) and
         ``best_checkpoint`` (lowest validation loss, or the latest without validation).
     """
-    banks, subtomo_size = load_banks(config.project_dir, subtomo_size=config.subtomo_size)
-    unet_params = config.unet_params_dict.model_dump()
+    banks, meta = load_banks(subtomo_dir(config), subtomo_size=config.subtomo_size)
+    subtomo_size = int(meta["subtomo_size"])
+    unet_params = config.unet_params_dict.model_dump(exclude={"in_chans", "out_chans"})
     try:
         check_divisible(subtomo_size, 2 ** unet_params["num_downsample_layers"])
     except ValueError as err:
-        raise InputError(f"{subtomo_dir(config.project_dir)}: {err}") from None
-    ckpt_dir = checkpoint_dir(config.project_dir)
+        raise InputError(f"{subtomo_dir(config)}: {err}") from None
+    logs = log_dir(config)
+    ckpt_dir = logs / "checkpoints"
     latest = ckpt_dir / "latest.ckpt"
-    if config.resume and not latest.exists():
-        raise InputError(f"{latest}: nothing to resume from; run fit-model without --resume")
-    if not config.resume and latest.exists():
-        if not config.overwrite:
-            raise InputError(
-                f"{latest}: a fit already exists; pass --resume to continue it or --overwrite "
-                "to start again and discard its checkpoints"
-            )
-        shutil.rmtree(ckpt_dir)
+    resume_from = config.resume_from_checkpoint or (latest if config.resume else None)
+    if resume_from is not None and not Path(resume_from).exists():
+        raise InputError(f"{resume_from}: nothing to resume from; run fit-model without --resume")
+    if resume_from is None and latest.exists() and not config.overwrite:
+        raise InputError(
+            f"{latest}: a fit already exists; pass --resume to continue it or --overwrite "
+            "to start again and discard its checkpoints"
+        )
     device = resolve_device(config.gpu)
     torch.manual_seed(config.seed)
     model = build_model(unet_params)
@@ -300,20 +303,31 @@ def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> 
     )
     extra = {
         **provenance(config),
+        "bank_id": meta.get("bank_id"),
         "unet_params": unet_params,
         "subtomo_size": subtomo_size,
         "mw_angle": config.mw_angle,
     }
+    if resume_from is None and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # --overwrite, checked above; only now that all is valid
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = callbacks or Callbacks()
+    on_epoch = callbacks.on_epoch
+
+    def write_losses(record: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        write_loss_csv(logs / "losses.csv", history)
+        if on_epoch is not None:
+            on_epoch(record, history)
+
     history = fit(
         model,
         banks,
         settings,
         checkpoint_dir=ckpt_dir,
-        resume_from=latest if config.resume else None,
+        resume_from=resume_from,
         extra_state=extra,
-        callbacks=callbacks,
+        callbacks=Callbacks(on_step=callbacks.on_step, on_epoch=write_losses),
     )
-    write_loss_csv(config.project_dir / "logs" / "losses.csv", history)
     return {"history": history, "checkpoint": latest, "best_checkpoint": best_checkpoint(ckpt_dir)}
 
 
@@ -343,7 +357,9 @@ def load_model(path: Path) -> tuple[DeWedgeModel, dict[str, Any]]:
         model.load_state_dict(state["model_state"])
     except RuntimeError:
         raise InputError(
-            f"{path}: weights do not match the stored architecture; the checkpoint is damaged"
+            f"{path}: weights do not match the network layout of this version "
+            f"({__version__}; written by {state.get('deepdewedge_version', 'unknown')}); "
+            "refine with the version that fitted it or fit again"
         ) from None
     return model.eval(), state
 
@@ -357,12 +373,17 @@ def refine_tomogram(
     published tool does; with ``tomo_files`` the full tomograms are refined instead (the
     paper's step 3). Returns the written paths.
     """
-    ckpt = config.model_checkpoint_file or best_checkpoint(checkpoint_dir(config.project_dir))
+    ckpt = config.model_checkpoint_file or best_checkpoint(log_dir(config) / "checkpoints")
     model, state = load_model(ckpt)
     subtomo_size = config.subtomo_size or int(state["subtomo_size"])
     try:
         check_divisible(subtomo_size, model.size_multiple)
-        check_overlap(config.subtomo_overlap, subtomo_size)
+        overlap = (
+            config.subtomo_overlap
+            if config.subtomo_overlap is not None
+            else math.ceil(subtomo_size / 3)
+        )
+        check_overlap(overlap, subtomo_size)
     except ValueError as err:
         raise InputError(f"{ckpt}: {err}") from None
     device = resolve_device(config.gpu)
@@ -392,7 +413,7 @@ def refine_tomogram(
                 model,
                 tomo,
                 subtomo_size=subtomo_size,
-                subtomo_overlap=config.subtomo_overlap,
+                subtomo_overlap=overlap,
                 batch_size=config.batch_size,
                 device=device,
                 autocast_dtype=autocast,

@@ -181,16 +181,17 @@ def test_noise2noise_mode_and_python_api(tmp_path, halves):
     assert path.name == "tomo0_refined.mrc"
 
 
-def test_run_with_published_config_layout(tmp_path, halves):
+def _published_config(tmp_path, halves):
+    """A config with every key of the published tutorial's layout."""
     t0, t1 = halves
-    config = {
+    return {
         "shared": {
             "project_dir": str(tmp_path / "proj"),
             "tomo0_files": [str(t0)],
             "tomo1_files": [str(t1)],
             "subtomo_size": 8,
             "mw_angle": 60,
-            "num_workers": 0,
+            "num_workers": 4,
             "gpu": None,
             "seed": 3,
         },
@@ -198,29 +199,77 @@ def test_run_with_published_config_layout(tmp_path, halves):
             "subtomo_extraction_strides": [6, 6, 6],
             "val_fraction": 0.2,
             "min_nonzero_mask_fraction_in_subtomo": 0.3,
+            "pad_before_subtomo_extraction": False,
+            "extract_larger_subtomos_for_rotating": True,
+            "verbose": True,
         },
         "fit_model": {
             "unet_params_dict": {"chans": 4, "num_downsample_layers": 1, "drop_prob": 0.0},
             "adam_params_dict": {"lr": 4e-4},
-            "num_epochs": 2,
+            "num_epochs": 3,
             "batch_size": 4,
             "update_subtomo_missing_wedges_every_n_epochs": 1,
             "check_val_every_n_epochs": 1,
             "save_n_models_with_lowest_val_loss": 2,
             "save_model_every_n_epochs": 1,
             "save_n_models_with_lowest_fitting_loss": 1,
-            "logger": "csv",
+            "logger": "tensorboard",
+            "resume_from_checkpoint": None,
         },
-        "refine_tomogram": {"subtomo_overlap": 2, "batch_size": 3},
+        "refine_tomogram": {
+            "model_checkpoint_file": "./tutorial_data/fitted_model.ckpt",
+            "subtomo_overlap": 2,
+            "batch_size": 3,
+            "return_tomos": False,
+        },
     }
+
+
+def test_run_with_published_config_layout(tmp_path, halves):
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(_published_config(tmp_path, halves)))
     result = _invoke("run", "--config", path)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "proj/refined_tomograms/tomo0+tomo1_refined.mrc").exists()
-    assert len(list((tmp_path / "proj/logs/checkpoints").glob("epoch=*.ckpt"))) == 2
-    assert len(list((tmp_path / "proj/logs/checkpoints").glob("best-fit-*.ckpt"))) == 1
-    assert len(list((tmp_path / "proj/logs/checkpoints").glob("best-val-*.ckpt"))) == 2
+    ckpts = tmp_path / "proj/logs/checkpoints"
+    assert len(list(ckpts.glob("epoch=*.ckpt"))) == 3
+    assert len(list(ckpts.glob("best-fit-*.ckpt"))) == 1
+    assert len(list(ckpts.glob("best-val-*.ckpt"))) == 2
+    # One input-bank state on disk, whatever the number of checkpoints and updates.
+    assert [p.name for p in ckpts.glob("input_bank_*.pt")] == ["input_bank_e00002.pt"]
+
+
+def test_resume_refuses_banks_prepared_again(tmp_path, halves):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(_published_config(tmp_path, halves)))
+    assert _invoke("run", "--config", path).exit_code == 0
+    assert _invoke("prepare-data", "--config", path, "--overwrite").exit_code == 0
+    result = _invoke("fit-model", "--config", path, "--resume", "--num-epochs", 5)
+    assert result.exit_code == 1 and "prepared again" in result.output
+
+
+def test_overwrite_keeps_the_old_fit_when_the_new_one_cannot_start(tmp_path, halves):
+    assert _prepare(tmp_path, halves).exit_code == 0
+    assert _fit(tmp_path, 1).exit_code == 0
+    result = _fit(tmp_path, 1, "--overwrite", "--gpu", 7)
+    assert result.exit_code == 1 and "gpu 7" in result.output
+    assert (tmp_path / "proj/logs/checkpoints/latest.ckpt").exists()
+
+
+def test_command_line_dict_options_merge_with_the_file(tmp_path, halves):
+    config = step_config(
+        "fit_model",
+        config_file=_write_yaml(tmp_path, _published_config(tmp_path, halves)),
+        overrides={"unet_params_dict": {"chans": 6}},
+    )
+    assert config.unet_params_dict.chans == 6
+    assert config.unet_params_dict.num_downsample_layers == 1  # kept from the file
+
+
+def _write_yaml(tmp_path, content):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
 
 
 @pytest.mark.parametrize(

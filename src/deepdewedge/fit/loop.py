@@ -62,7 +62,7 @@ class Callbacks:
     """Hooks for progress display; the loop itself never prints."""
 
     on_step: Callable[[int, int, int, float], None] | None = None
-    on_epoch: Callable[[dict[str, Any]], None] | None = None
+    on_epoch: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None
 
 
 def _autocast(settings: FitSettings):
@@ -151,12 +151,14 @@ def model_input_statistics(
 
 
 class CheckpointWriter:
-    """Writes latest / best / every-n checkpoints and the bank states they need.
+    """Writes latest / best / every-n checkpoints and the input-bank state.
 
     The best checkpoints are ranked by validation loss (``best-val-*``) and by fitting loss
-    (``best-fit-*``). The model-input bank changes at every missing-wedge update, so each
-    update is stored once as ``input_bank_eNNNNN.pt``; a checkpoint names the bank state it
-    belongs to, and bank states that no kept checkpoint names are removed.
+    (``best-fit-*``). The model-input bank changes at every missing-wedge update; its state
+    is stored once per update as ``input_bank_eNNNNN.pt`` and only the one ``latest.ckpt``
+    needs is kept, so disk use stays at one bank whatever the number of checkpoints. Every
+    checkpoint holds the model, optimiser, random state and history; a checkpoint other than
+    the latest can be resumed from until the next wedge update replaces its bank.
     """
 
     RANKINGS = {"val_loss": "best-val", "fitting_loss": "best-fit"}
@@ -166,8 +168,8 @@ class CheckpointWriter:
         self.keep = {"val_loss": settings.keep_best_val, "fitting_loss": settings.keep_best_fit}
         self.save_every = settings.save_every
         self.extra = extra
-        self.best: dict[str, list[tuple[float, Path]]] = {k: [] for k in self.RANKINGS}
-        self.kept_bank: dict[Path, str | None] = {}
+        # Names relative to the checkpoint folder, so a moved project keeps its bookkeeping.
+        self.best: dict[str, list[tuple[float, str]]] = {k: [] for k in self.RANKINGS}
 
     def save_bank(self, epoch: int, banks: Banks) -> str:
         """Store the input banks after the update at `epoch`; return the file name."""
@@ -182,41 +184,31 @@ class CheckpointWriter:
         """Write the checkpoints due after the epoch of `record`; drop those no longer kept."""
         state = {**self.extra, **state}
         epoch = record["epoch"]
-        paths = [self.dir / "latest.ckpt"]
+        names = ["latest.ckpt"]
         if self.save_every and (epoch + 1) % self.save_every == 0:
-            paths.append(self.dir / f"epoch={epoch:05d}.ckpt")
+            names.append(f"epoch={epoch:05d}.ckpt")
         for metric, prefix in self.RANKINGS.items():
             value, keep = record[metric], self.keep[metric]
             if value is None or keep <= 0:
                 continue
-            path = self.dir / f"{prefix}-epoch={epoch:05d}-{metric}={value:.6f}.ckpt"
-            ranked = sorted([*self.best[metric], (value, path)], key=lambda item: item[0])
-            if path in [p for _, p in ranked[:keep]]:
-                paths.append(path)
+            name = f"{prefix}-epoch={epoch:05d}-{metric}={value:.6f}.ckpt"
+            ranked = sorted([*self.best[metric], (value, name)], key=lambda item: item[0])
+            if name in [n for _, n in ranked[:keep]]:
+                names.append(name)
             for _, old in ranked[keep:]:
-                old.unlink(missing_ok=True)
-                self.kept_bank.pop(old, None)
+                (self.dir / old).unlink(missing_ok=True)
             self.best[metric] = ranked[:keep]
-        for path in paths:
-            self.kept_bank[path] = state["bank_file"]
-        state["best_checkpoints"] = {
-            m: [(v, str(p)) for v, p in ranked] for m, ranked in self.best.items()
-        }
-        state["kept_banks"] = {str(p): b for p, b in self.kept_bank.items()}
-        for path in paths:
-            save_checkpoint(path, state)
-        used = set(self.kept_bank.values())
+        state["best_checkpoints"] = self.best
+        for name in names:
+            save_checkpoint(self.dir / name, state)
         for bank in self.dir.glob("input_bank_e*.pt"):
-            if bank.name not in used:
+            if bank.name != state["bank_file"]:
                 bank.unlink(missing_ok=True)
 
     def restore(self, resumed: dict[str, Any]) -> None:
         """Rebuild the bookkeeping from a resumed checkpoint."""
         for metric, ranked in resumed.get("best_checkpoints", {}).items():
-            self.best[metric] = [(float(v), Path(p)) for v, p in ranked if Path(p).exists()]
-        self.kept_bank = {
-            Path(p): b for p, b in resumed.get("kept_banks", {}).items() if Path(p).exists()
-        }
+            self.best[metric] = [(float(v), n) for v, n in ranked if (self.dir / n).exists()]
 
 
 def fit(
@@ -269,8 +261,14 @@ def fit(
             torch.cuda.set_rng_state(state["cuda_rng_state"], device)
         history = list(state["history"])
         start_epoch = state["epoch"] + 1
+        _check_same_banks(state, extra_state or {}, resume_from)
         bank_file = state["bank_file"]
         if bank_file is not None:
+            if not (checkpoint_dir / bank_file).exists():
+                raise InputError(
+                    f"{resume_from}: its input-bank state {bank_file} was replaced by a later "
+                    "missing-wedge update; resume from latest.ckpt"
+                )
             bank = load_checkpoint(checkpoint_dir / bank_file)
             banks.fit0, banks.val0 = bank["fit0"], bank["val0"]
         writer.restore(state)
@@ -347,7 +345,7 @@ def fit(
         }
         writer.write(state, record)
         if callbacks.on_epoch is not None:
-            callbacks.on_epoch(record)
+            callbacks.on_epoch(record, history)
     model.eval()
     return history
 
@@ -365,6 +363,14 @@ def _place_banks(banks: Banks, device: torch.device) -> None:
                 setattr(banks, name, tensor.to(device))
     else:
         log.info("sub-tomogram banks stay in host memory; batches are copied to %s", device)
+
+
+def _check_same_banks(state: dict[str, Any], extra: dict[str, Any], path: Path) -> None:
+    if state.get("bank_id") != extra.get("bank_id"):
+        raise InputError(
+            f"{path}: the sub-tomograms were prepared again after this fit started; fit anew "
+            "with --overwrite instead of --resume"
+        )
 
 
 def _check_compatible(state: dict[str, Any], model: DeWedgeModel, path: Path) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +35,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file; check model_checkpoint_file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for damaged or foreign files
         raise InputError(
             f"{path}: unreadable or truncated checkpoint ({type(err).__name__}); "
             "use another checkpoint, e.g. latest.ckpt"
