@@ -38,7 +38,8 @@ class UNet3D(nn.Module):
     drop_prob
         Dropout probability after each convolution (paper: 0 for DeepDeWedge).
     residual
-        Add the input to the output, so that the network learns a correction of its input.
+        Add the input to the output, so that the network learns a correction of its input
+        (the published implementation's choice; off by default, see docs/method.md).
     """
 
     def __init__(
@@ -47,7 +48,7 @@ class UNet3D(nn.Module):
         chans: int = 64,
         num_downsample_layers: int = 3,
         drop_prob: float = 0.0,
-        residual: bool = True,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         self.num_downsample_layers = num_downsample_layers
