@@ -287,23 +287,18 @@ def fit(
             and epoch > 0
             and epoch % settings.update_every == 0
         ):
-            banks.fit0 = fill_missing_wedges(
-                model,
-                banks.fit0,
-                mw_angle_deg=settings.mw_angle,
-                size_multiple=model.size_multiple,
-                batch_size=settings.batch_size,
-                device=device,
-            )
-            if banks.val0 is not None:
-                banks.val0 = fill_missing_wedges(
-                    model,
-                    banks.val0,
-                    mw_angle_deg=settings.mw_angle,
-                    size_multiple=model.size_multiple,
-                    batch_size=settings.batch_size,
-                    device=device,
-                )
+            for name in ("fit0", "val0"):  # the model-input banks; targets stay measured
+                crops = getattr(banks, name)
+                if crops is not None:
+                    filled = fill_missing_wedges(
+                        model,
+                        crops,
+                        mw_angle_deg=settings.mw_angle,
+                        size_multiple=model.size_multiple,
+                        batch_size=settings.batch_size,
+                        device=device,
+                    )
+                    setattr(banks, name, filled)
             bank_file = writer.save_bank(epoch, banks)
             # Filled wedges carry signal: the inputs' statistics change with the bank.
             model.set_normalization(*model_input_statistics(banks, settings, mw_mask))
