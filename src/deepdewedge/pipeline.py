@@ -404,6 +404,11 @@ def refine_tomogram(
         voxel_size = 1.0
         for f in files:
             tomo, voxel_size = read_volume(f, mmap=True)
+            if refined is not None and tomo.shape != refined.shape:
+                raise InputError(
+                    f"{f}: shape {tomo.shape} differs from {files[0]} {refined.shape}; the two "
+                    "halves must come from the same reconstruction geometry"
+                )
             mean, std = _mean_std(tomo)
             if not np.isfinite(std):
                 raise InputError(f"{f}: contains NaN or Inf voxels; fix them before refining")
@@ -419,7 +424,10 @@ def refine_tomogram(
                 autocast_dtype=autocast,
                 progress=progress,
             )
-            refined = out if refined is None else refined + out
+            if refined is None:
+                refined = out
+            else:
+                refined += out
         assert refined is not None
         refined /= len(files)
         path = write_volume(out_dir / name, refined, voxel_size=voxel_size)

@@ -353,3 +353,20 @@ def test_standardize_full_tomos(tmp_path, halves):
     assert _prepare(tmp_path, halves, "--standardize-full-tomos").exit_code == 0
     bank = np.load(tmp_path / "proj/subtomos/fitting/subtomo1.npy")[:, 3:11, 3:11, 3:11]
     assert abs(bank.mean()) < 0.1 and bank.std() == pytest.approx(1.0, abs=0.1)
+
+
+def test_refine_rejects_mismatched_halves(tmp_path, halves):
+    assert _prepare(tmp_path, halves).exit_code == 0
+    assert _fit(tmp_path, 1).exit_code == 0
+    bad = _write(tmp_path / "small.mrc", np.zeros((20, 28, 20)))
+    result = _invoke(
+        "refine-tomogram",
+        "--project-dir",
+        tmp_path / "proj",
+        "--tomo0-files",
+        halves[0],
+        "--tomo1-files",
+        bad,
+    )
+    assert result.exit_code == 1 and "small.mrc" in result.output.splitlines()[-1]
+    assert not (tmp_path / "proj/refined_tomograms").exists()
