@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from deepdewedge.reconstruct.backproject import weighted_backprojection
+from deepdewedge.reconstruct.split import even_odd_indices
 
 __all__ = [
     "simulate_phantom",
@@ -496,18 +497,11 @@ def split_even_odd(
         raise ValueError(
             f"tilt_angles_deg has {angles.numel()} angles but tilt_series has {n} projections"
         )
-    if n < 2:
-        raise ValueError(f"need at least two projections to split, got {n}")
     if acquisition_order is None:
-        order = torch.argsort(angles.detach().cpu(), stable=True)
-    else:
-        order = torch.as_tensor(acquisition_order).detach().cpu().reshape(-1)
-        if order.is_floating_point() or order.dtype == torch.bool:
-            raise ValueError("acquisition_order must be an integer tensor")
-        if order.numel() != n or not torch.equal(torch.sort(order).values, torch.arange(n)):
-            raise ValueError(f"acquisition_order must be a permutation of 0..{n - 1}")
-    index_0 = torch.sort(order[0::2]).values
-    index_1 = torch.sort(order[1::2]).values
+        acquisition_order = torch.argsort(angles.detach().cpu(), stable=True)
+    elif torch.as_tensor(acquisition_order).numel() != n:
+        raise ValueError(f"acquisition_order must be a permutation of 0..{n - 1}")
+    index_0, index_1 = even_odd_indices(acquisition_order)
     index_0_dev = index_0.to(tilt_series.device)
     index_1_dev = index_1.to(tilt_series.device)
     angles_0 = angles[index_0.to(angles.device)]
