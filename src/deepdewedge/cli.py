@@ -14,7 +14,7 @@ import yaml
 from tqdm import tqdm
 
 from deepdewedge import pipeline
-from deepdewedge.config import step_config
+from deepdewedge.config import read_config_file, step_config
 from deepdewedge.fit.loop import Callbacks
 from deepdewedge.io.mrc import InputError
 
@@ -102,6 +102,14 @@ def _fit_callbacks(num_epochs: int) -> tuple[Callbacks, list[tqdm]]:
     return Callbacks(on_step=on_step, on_epoch=on_epoch), bars
 
 
+def _run_reconstruct(config_file: Path | None, overrides: dict[str, Any]) -> dict[str, Path]:
+    config = step_config("reconstruct", config_file=config_file, overrides=overrides)
+    written = pipeline.reconstruct(config)  # type: ignore[arg-type]
+    for path in written.values():
+        typer.echo(f"wrote {path}")
+    return written
+
+
 def _run_prepare(config_file: Path | None, overrides: dict[str, Any]) -> None:
     config = step_config("prepare_data", config_file=config_file, overrides=overrides)
     result = pipeline.prepare_data(config)  # type: ignore[arg-type]
@@ -143,6 +151,57 @@ def _run_refine(config_file: Path | None, overrides: dict[str, Any]) -> None:
         bar.close()
     for path in written:
         typer.echo(f"wrote {path}")
+
+
+@app.command("reconstruct")
+@_friendly
+def reconstruct_cmd(
+    config: ConfigOpt = None,
+    project_dir: ProjectOpt = None,
+    tilt_series: Annotated[
+        Path | None, typer.Option(help="Aligned tilt series (MRC stack).")
+    ] = None,
+    tilt_angles: Annotated[Path | None, typer.Option(help="IMOD .tlt or .rawtlt file.")] = None,
+    mdoc: Annotated[
+        Path | None, typer.Option(help="SerialEM .mdoc: angles, acquisition order, dose, defocus.")
+    ] = None,
+    even_frames: Annotated[Path | None, typer.Option(help="Even-frame sums (MRC stack).")] = None,
+    odd_frames: Annotated[Path | None, typer.Option(help="Odd-frame sums (MRC stack).")] = None,
+    split: Annotated[str | None, typer.Option(help="even-odd, frames or random.")] = None,
+    random_fraction: Annotated[float | None, typer.Option()] = None,
+    acquisition_scheme: Annotated[
+        str | None, typer.Option(help="sequential or dose-symmetric (without an .mdoc).")
+    ] = None,
+    pixel_size_angstrom: Annotated[
+        float | None, typer.Option(help="Pixel size of the stack; default: from its header.")
+    ] = None,
+    bin: Annotated[int | None, typer.Option(help="Binning factor.")] = None,
+    binning_method: Annotated[str | None, typer.Option(help="fourier or average.")] = None,
+    thickness: Annotated[
+        int | None, typer.Option(help="Tomogram thickness in unbinned pixels.")
+    ] = None,
+    tilt_axis_offset_px: Annotated[float | None, typer.Option()] = None,
+    exclude_views: Annotated[
+        list[int] | None, typer.Option(help="View to leave out (1-based, repeat for several).")
+    ] = None,
+    filter: Annotated[str | None, typer.Option(help="ramp, hamming or sirt.")] = None,
+    sirt_iterations: Annotated[int | None, typer.Option()] = None,
+    defocus_file: Annotated[
+        Path | None,
+        typer.Option(help="IMOD .defocus, CTFFIND output, or one defocus per line in µm."),
+    ] = None,
+    ctf_correction: Annotated[str | None, typer.Option(help="phase-flip or none.")] = None,
+    wiener_deconvolution: Annotated[bool | None, typer.Option()] = None,
+    voltage_kv: Annotated[float | None, typer.Option()] = None,
+    spherical_aberration_mm: Annotated[float | None, typer.Option()] = None,
+    amplitude_contrast: Annotated[float | None, typer.Option()] = None,
+    output_dir: Annotated[Path | None, typer.Option()] = None,
+    gpu: GpuOpt = None,
+    seed: SeedOpt = None,
+    overwrite: Annotated[bool | None, typer.Option(help="Replace existing tomograms.")] = None,
+) -> None:
+    """Split an aligned tilt series and reconstruct tomo0, tomo1 and the full tomogram."""
+    _run_reconstruct(config, {k: v for k, v in locals().items() if k != "config"})
 
 
 @app.command("prepare-data")
@@ -246,11 +305,19 @@ def run_cmd(
         bool, typer.Option(help="Replace prepared data and an existing fit.")
     ] = False,
 ) -> None:
-    """Run prepare-data, fit-model and refine-tomogram from one config."""
-    _run_prepare(config, {"overwrite": overwrite or None})
+    """Run (reconstruct,) prepare-data, fit-model and refine-tomogram from one config.
+
+    With a ``reconstruct`` section the tomograms are first reconstructed from the tilt series
+    and used as tomo0 and tomo1 by the other steps.
+    """
+    halves: dict[str, Any] = {}
+    if read_config_file(config)["reconstruct"]:
+        written = _run_reconstruct(config, {"overwrite": overwrite or None})
+        halves = {"tomo0_files": [written["tomo0"]], "tomo1_files": [written["tomo1"]]}
+    _run_prepare(config, {**halves, "overwrite": overwrite or None})
     checkpoint = _run_fit(config, {"overwrite": overwrite or None})
     # Refine with the model just fitted, whatever checkpoint the file names.
-    _run_refine(config, {"model_checkpoint_file": checkpoint})
+    _run_refine(config, {**halves, "model_checkpoint_file": checkpoint})
 
 
 @app.command("demo")

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from deepdewedge.io.mrc import InputError
 
-SECTIONS = ("shared", "prepare_data", "fit_model", "refine_tomogram")
+SECTIONS = ("shared", "reconstruct", "prepare_data", "fit_model", "refine_tomogram")
 
 
 class _Step(BaseModel):
@@ -181,7 +181,50 @@ def check_overlap(subtomo_overlap: int, subtomo_size: int) -> None:
         )
 
 
+class ReconstructConfig(_Step):
+    """``ddw reconstruct``: tomo0, tomo1 and the full tomogram from an aligned tilt series."""
+
+    tilt_series: Path
+    tilt_angles: Path | None = None  # IMOD .tlt / .rawtlt
+    mdoc: Path | None = None  # SerialEM: angles, acquisition order, dose, defocus
+    even_frames: Path | None = None  # frame-sum stacks of the even / odd movie frames
+    odd_frames: Path | None = None
+    split: Literal["even-odd", "frames", "random"] | None = None  # default: frames if given
+    random_fraction: float = Field(0.5, gt=0, lt=1)
+    acquisition_scheme: Literal["sequential", "dose-symmetric"] = "sequential"  # without .mdoc
+    pixel_size_angstrom: float | None = Field(None, gt=0)  # default: from the MRC header
+    bin: int = Field(1, ge=1)
+    binning_method: Literal["fourier", "average"] = "fourier"
+    thickness: int = Field(..., ge=1)  # in unbinned pixels, as in IMOD
+    tilt_axis_offset_px: float = 0.0  # in unbinned pixels
+    exclude_views: list[int] = []  # 1-based view numbers, as in IMOD
+    filter: Literal["ramp", "hamming", "sirt"] = "ramp"
+    sirt_iterations: int = Field(10, ge=1)
+    defocus_file: Path | None = None  # IMOD .defocus, CTFFIND output or a list in µm
+    ctf_correction: Literal["none", "phase-flip"] = "phase-flip"  # when defocus is known
+    wiener_deconvolution: bool = False
+    snr_falloff: float = Field(1.0, gt=0)
+    deconv_strength: float = Field(1.0, gt=0)
+    highpass_nyquist: float = Field(0.02, ge=0, lt=1)
+    voltage_kv: float = Field(300.0, gt=0)
+    spherical_aberration_mm: float = Field(2.7, ge=0)
+    amplitude_contrast: float = Field(0.07, ge=0, lt=1)
+    output_dir: Path | None = None  # default: {project_dir}/tomograms
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _sources(self) -> ReconstructConfig:
+        if (self.even_frames is None) != (self.odd_frames is None):
+            raise ValueError("give both even_frames and odd_frames, or neither")
+        if self.split == "frames" and self.even_frames is None:
+            raise ValueError("split 'frames' needs even_frames and odd_frames")
+        if self.tilt_angles is None and self.mdoc is None:
+            raise ValueError("give tilt_angles (.tlt/.rawtlt) or mdoc for the tilt angles")
+        return self
+
+
 STEP_MODELS: dict[str, type[_Step]] = {
+    "reconstruct": ReconstructConfig,
     "prepare_data": PrepareDataConfig,
     "fit_model": FitModelConfig,
     "refine_tomogram": RefineTomogramConfig,
