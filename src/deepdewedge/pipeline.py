@@ -557,6 +557,7 @@ def reconstruct(config: ReconstructConfig) -> dict[str, Path]:
     split = config.split or ("frames" if config.even_frames is not None else "even-odd")
     full_ts = prepare(stack)
     volumes = {"full": wbp(full_ts, angles)}
+    views: dict[str, list[int]] = {}
     if split == "frames":
         for name, frames_file in (("tomo0", config.even_frames), ("tomo1", config.odd_frames)):
             frames, _ = read_volume(frames_file)
@@ -577,6 +578,8 @@ def reconstruct(config: ReconstructConfig) -> dict[str, Path]:
             )
         volumes["tomo0"] = wbp(full_ts[index0.to(device)], angles[index0])
         volumes["tomo1"] = wbp(full_ts[index1.to(device)], angles[index1])
+        views = {name: (kept[index.numpy()] + 1).tolist()
+                 for name, index in (("tomo0", index0), ("tomo1", index1))}
     for name, path in paths.items():
         write_volume(path, volumes[name], voxel_size=pixel * config.bin)
     record = out_dir / f"{stem}_reconstruct.json"
@@ -588,7 +591,8 @@ def reconstruct(config: ReconstructConfig) -> dict[str, Path]:
             "n_tilts_used": int(len(kept)),
             "voxel_size_angstrom": pixel * config.bin,
             "ctf_corrected": bool(defocus is not None and config.ctf_correction == "phase-flip"),
-            "outputs": {k: str(v) for k, v in paths.items()},
+            "views": views,  # 1-based stack views in each half
+        "outputs": {k: str(v) for k, v in paths.items()},
         },
     )
     return {**paths, "record": record}

@@ -189,3 +189,42 @@ def test_run_from_tilt_series(tmp_path, series):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "proj/tomograms/ts_full.mrc").exists()
     assert (tmp_path / "proj/refined_tomograms/ts_tomo0+ts_tomo1_refined.mrc").exists()
+
+
+def test_mdoc_acquisition_order_drives_the_split(tmp_path, series):
+    root, _, ts = series
+    stack = _write(tmp_path / "ts.mrc", ts, 2.5)
+    # Dose-symmetric acquisition: 0, +3, +6, -3, -6, +9, ... recorded by DateTime.
+    positive_first = sorted(
+        range(len(ANGLES)),
+        key=lambda i: ((abs(round(ANGLES[i] / 3)) + 1) // 2, ANGLES[i] < 0, abs(ANGLES[i])),
+    )
+    lines = ["PixelSpacing = 2.5", "Voltage = 300", ""]
+    for z, angle in enumerate(ANGLES):
+        minute = positive_first.index(z)
+        lines += [
+            f"[ZValue = {z}]",
+            f"TiltAngle = {angle:.2f}",
+            "ExposureDose = 3.0",
+            f"DateTime = 09-Jun-22  14:{minute // 60:02d}:{minute % 60:02d}",
+            "",
+        ]
+    (tmp_path / "ts.mrc.mdoc").write_text("\n".join(lines))
+    result = _invoke(
+        "reconstruct",
+        "--tilt-series",
+        stack,
+        "--mdoc",
+        tmp_path / "ts.mrc.mdoc",
+        "--thickness",
+        24,
+        "--output-dir",
+        tmp_path / "out",
+    )
+    assert result.exit_code == 0, result.output
+    views = json.loads((tmp_path / "out/ts_reconstruct.json").read_text())["views"]
+    acquired = [z + 1 for z in positive_first]
+    assert views["tomo0"] == sorted(acquired[0::2]) and views["tomo1"] == sorted(acquired[1::2])
+    # Each half covers both sides of the tilt range.
+    angles0 = ANGLES[np.array(views["tomo0"]) - 1]
+    assert angles0.min() < -50 and angles0.max() > 50
