@@ -228,3 +228,59 @@ def test_mdoc_acquisition_order_drives_the_split(tmp_path, series):
     # Each half covers both sides of the tilt range.
     angles0 = ANGLES[np.array(views["tomo0"]) - 1]
     assert angles0.min() < -50 and angles0.max() > 50
+
+
+def test_frame_and_random_splits(tmp_path, series):
+    root, gt, ts = series
+    g = torch.Generator().manual_seed(5)
+    even = add_noise(ts / 2, snr=1.0, generator=g)
+    odd = add_noise(ts / 2, snr=1.0, generator=g)
+    files = {
+        n: _write(tmp_path / f"{n}.mrc", v, 2.5)
+        for n, v in (("ts", even + odd), ("even", even), ("odd", odd))
+    }
+    result = _invoke(
+        "reconstruct",
+        "--tilt-series",
+        files["ts"],
+        "--tilt-angles",
+        root / "ts.tlt",
+        "--even-frames",
+        files["even"],
+        "--odd-frames",
+        files["odd"],
+        "--thickness",
+        24,
+        "--output-dir",
+        tmp_path / "frames",
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "frames/ts_reconstruct.json").read_text())
+    assert record["split"] == "frames"
+    with (
+        mrcfile.open(tmp_path / "frames/ts_tomo0.mrc") as t0,
+        mrcfile.open(tmp_path / "frames/ts_tomo1.mrc") as t1,
+        mrcfile.open(tmp_path / "frames/ts_full.mrc") as full,
+    ):
+        # Frame halves use every tilt: their sum is the full reconstruction.
+        np.testing.assert_allclose(
+            t0.data + t1.data, full.data, atol=1e-3 * np.abs(full.data).max()
+        )
+    result = _invoke(
+        "reconstruct",
+        "--tilt-series",
+        files["ts"],
+        "--tilt-angles",
+        root / "ts.tlt",
+        "--split",
+        "random",
+        "--random-fraction",
+        0.3,
+        "--thickness",
+        24,
+        "--output-dir",
+        tmp_path / "random",
+    )
+    assert result.exit_code == 0, result.output
+    views = json.loads((tmp_path / "random/ts_reconstruct.json").read_text())["views"]
+    assert len(views["tomo0"]) == round(0.3 * len(ANGLES))

@@ -373,3 +373,28 @@ def test_runs_on_the_device_of_the_input(device, filter_name):
     out = weighted_backprojection(projections.to(device), angles.to(device), **kwargs)
     assert out.device.type == device
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_reconstructed_wedge_is_where_fourier_says():
+    """The empty region of a reconstruction's spectrum is fourier.missing_wedge_mask's."""
+    from deepdewedge.fourier import missing_wedge_mask
+    from deepdewedge.simulate import project
+
+    g = torch.Generator().manual_seed(0)
+    volume = torch.randn(32, 8, 32, generator=g)
+    angles = torch.arange(-40.0, 60.1, 2.0)
+    rec = weighted_backprojection(project(volume, angles), angles, thickness=32)
+    power = torch.fft.rfftn(rec).abs().square()
+    mask = missing_wedge_mask((32, 8, 32), tilt_range_deg=(-40.0, 60.0))
+    k = torch.stack(
+        torch.meshgrid(
+            torch.fft.fftfreq(32), torch.fft.fftfreq(8), torch.fft.rfftfreq(32), indexing="ij"
+        ),
+        -1,
+    ).norm(dim=-1)
+    band = (k > 0.1) & (k < 0.4)
+    inside, outside = power[band & (mask == 0)].mean(), power[band & (mask == 1)].mean()
+    assert inside < 0.05 * outside
+    # The mirrored wedge (the other handedness) is not empty.
+    mirrored = missing_wedge_mask((32, 8, 32), tilt_range_deg=(-60.0, 40.0))
+    assert power[band & (mirrored == 0) & (mask == 1)].mean() > 0.3 * outside
