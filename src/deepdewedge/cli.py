@@ -292,6 +292,7 @@ def refine_tomogram_cmd(
     output_dir: Annotated[Path | None, typer.Option()] = None,
     precision: Annotated[str | None, typer.Option()] = None,
     gpu: GpuOpt = None,
+    overwrite: Annotated[bool | None, typer.Option(help="Replace refined tomograms.")] = None,
 ) -> None:
     """Apply a fitted model to whole tomograms in overlapping, blended tiles."""
     _run_refine(config, {k: v for k, v in locals().items() if k != "config"})
@@ -317,7 +318,10 @@ def run_cmd(
     _run_prepare(config, {**halves, "overwrite": overwrite or None})
     checkpoint = _run_fit(config, {"overwrite": overwrite or None})
     # Refine with the model just fitted, whatever checkpoint the file names.
-    _run_refine(config, {**halves, "model_checkpoint_file": checkpoint})
+    _run_refine(
+        config,
+        {**halves, "model_checkpoint_file": checkpoint, "overwrite": overwrite or None},
+    )
 
 
 @app.command("demo")

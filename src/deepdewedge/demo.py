@@ -12,7 +12,7 @@ import torch
 
 from deepdewedge import pipeline
 from deepdewedge.config import step_config
-from deepdewedge.evaluate.figures import loss_curve_figure, orthoslice_figure
+from deepdewedge.evaluate.figures import orthoslice_figure
 from deepdewedge.evaluate.metrics import correlation_coefficient
 from deepdewedge.io.mrc import read_volume, write_volume
 from deepdewedge.simulate import simulate_tomogram
@@ -112,15 +112,11 @@ def run_demo(
                     "tomo1_files": [files["tomo1"]],
                     "model_checkpoint_file": fitted[checkpoint],
                     "subtomo_overlap": 8,
+                    "overwrite": True,
                 },
             )
         )
         results[method], _ = read_volume(path)
-        loss_curve_figure(
-            [r["epoch"] for r in fitted["history"]],
-            [r["fitting_loss"] for r in fitted["history"]],
-            [r["val_loss"] for r in fitted["history"]],
-        ).savefig(project / "logs" / "loss_curve.png", dpi=100)
         timings[method] = time.perf_counter() - t0
 
     gt = sim["ground_truth"].numpy()

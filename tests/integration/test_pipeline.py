@@ -107,6 +107,7 @@ def test_prepare_fit_refine_cli(tmp_path, halves):
     assert (ckpts / "latest.ckpt").exists() and list(ckpts.glob("best-val-*.ckpt"))
     lines = (tmp_path / "proj/logs/losses.csv").read_text().splitlines()
     assert lines[0] == "epoch,fitting_loss,val_loss" and len(lines) == 4
+    assert (tmp_path / "proj/logs/loss_curve.png").stat().st_size > 5_000
 
     result = _invoke(
         "refine-tomogram",
@@ -127,7 +128,28 @@ def test_prepare_fit_refine_cli(tmp_path, halves):
         assert mrc.data.shape == (20, 28, 24)
         assert mrc.voxel_size.x == pytest.approx(7.5)
         assert np.isfinite(mrc.data).all()
-    assert json.loads(out.with_suffix(".json").read_text())["deepdewedge_version"]
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["deepdewedge_version"] and record["seconds"] > 0
+    assert len(record["inputs"]) == 3 and all(
+        len(v["sha256"]) == 64 for v in record["inputs"].values()
+    )
+    # The half-difference map: refined tomo0 minus refined tomo1, beside the average.
+    with (
+        mrcfile.open(tmp_path / "proj/refined_tomograms/tomo0+tomo1_halfdiff.mrc") as diff,
+        mrcfile.open(out) as avg,
+    ):
+        assert diff.data.shape == avg.data.shape and np.abs(diff.data).max() > 0
+    assert (tmp_path / "proj/refined_tomograms/tomo0+tomo1_qc.png").stat().st_size > 10_000
+    again = _invoke(
+        "refine-tomogram",
+        "--project-dir",
+        tmp_path / "proj",
+        "--tomo0-files",
+        halves[0],
+        "--tomo1-files",
+        halves[1],
+    )
+    assert again.exit_code == 1 and "--overwrite" in again.output
 
 
 def test_resume_continues_to_the_same_losses(tmp_path, halves):

@@ -3,7 +3,11 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from deepdewedge.evaluate.figures import loss_curve_figure, orthoslice_figure
+from deepdewedge.evaluate.figures import (
+    loss_curve_figure,
+    mask_overlay_figure,
+    orthoslice_figure,
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +74,44 @@ def test_loss_curve_figure_rejects_mismatched_lengths():
         loss_curve_figure([0, 1, 2], [1.0, 0.5])
     with pytest.raises(ValueError, match="epochs"):
         loss_curve_figure([0, 1], [1.0, 0.5], [1.0])
+
+
+def test_mask_overlay_figure_shows_the_central_slices_and_the_mask(tmp_path):
+    volume = torch.rand((16, 24, 32), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(16, 24, 32)
+    mask[4:12, 6:18, 8:24] = 1.0
+    fig = mask_overlay_figure(volume, mask, clip_std=2.0)
+    assert isinstance(fig, Figure)
+    assert len(fig.axes) == 3
+    assert [ax.get_title().split(",")[0] for ax in fig.axes] == [
+        "xy (z = d//2)",
+        "xz (y = h//2)",
+        "yz (x = w//2)",
+    ]
+    grey = [ax.get_images()[0].get_array() for ax in fig.axes]
+    np.testing.assert_allclose(grey[0], volume[8].double().numpy())
+    np.testing.assert_allclose(grey[1], volume[:, 12, :].double().numpy())
+    np.testing.assert_allclose(grey[2], volume[:, :, 16].double().numpy())
+    overlay = fig.axes[0].get_images()[1].get_array()
+    assert overlay.shape == (24, 32, 4)
+    np.testing.assert_array_equal(overlay[..., 3] > 0, mask[8].numpy() > 0.5)
+    path = tmp_path / "mask_overlay.png"
+    fig.savefig(path)
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_mask_overlay_figure_handles_empty_and_full_masks(tmp_path):
+    volume = np.random.default_rng(0).normal(size=(8, 12, 12))
+    for mask in (np.zeros((8, 12, 12), dtype=bool), np.ones((8, 12, 12), dtype=bool)):
+        fig = mask_overlay_figure(volume, mask)
+        fig.savefig(tmp_path / "overlay.png")
+        assert len(fig.axes) == 3
+
+
+def test_mask_overlay_figure_rejects_bad_input():
+    with pytest.raises(ValueError, match="must match"):
+        mask_overlay_figure(torch.zeros(4, 4, 4), torch.zeros(4, 4, 5))
+    with pytest.raises(ValueError, match="shape"):
+        mask_overlay_figure(torch.zeros(4, 4), torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="clip_std"):
+        mask_overlay_figure(torch.zeros(4, 4, 4), torch.zeros(4, 4, 4), clip_std=-1.0)

@@ -9,7 +9,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["orthoslice_figure", "loss_curve_figure"]
+__all__ = ["orthoslice_figure", "loss_curve_figure", "mask_overlay_figure"]
 
 _COLUMN_TITLES = ("xy (z = d//2)", "xz (y = h//2)", "yz (x = w//2)", "log |FFT|² xz (ky = 0)")
 
@@ -147,4 +147,61 @@ def loss_curve_figure(
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.legend()
+    return fig
+
+
+def mask_overlay_figure(
+    volume: np.ndarray | torch.Tensor,
+    mask: np.ndarray | torch.Tensor,
+    *,
+    clip_std: float = 3.0,
+) -> Figure:
+    """Central orthogonal slices of a volume with a mask drawn over them.
+
+    Parameters
+    ----------
+    volume : numpy.ndarray or torch.Tensor
+        Volume, shape `(d, h, w)`, shown in grey.
+    mask : numpy.ndarray or torch.Tensor
+        Mask of the same shape `(d, h, w)`; voxels where it exceeds 0.5 (True for booleans) are
+        inside. They are tinted in semi-transparent orange and the mask's outline is drawn.
+    clip_std : float
+        Each slice is shown with grey levels from ``mean - clip_std * std`` to
+        ``mean + clip_std * std`` of that slice.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        A figure with 3 axes: the xy slice at ``z = d // 2``, the xz slice at ``y = h // 2`` and
+        the yz slice at ``x = w // 2``, each titled with its plane and the fraction of its
+        pixels inside the mask. The figure is attached to an Agg canvas and is not shown or
+        saved.
+    """
+    if not np.isfinite(clip_std) or clip_std <= 0:
+        raise ValueError(f"clip_std must be positive, got {clip_std!r}")
+    image = _to_numpy(volume, "volume")
+    inside = _to_numpy(mask, "mask") > 0.5
+    if inside.shape != image.shape:
+        raise ValueError(
+            f"mask has shape {inside.shape} but volume has shape {image.shape}; they must match"
+        )
+
+    d, h, w = image.shape
+    width_ratios = [w, w, h]
+    height = max(h, d) / sum(width_ratios) * 10.0 + 0.8
+    fig = Figure(figsize=(10.0, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3, width_ratios=width_ratios)
+    index = ((d // 2, slice(None), slice(None)), (slice(None), h // 2), (Ellipsis, w // 2))
+    tint = np.array([1.0, 0.55, 0.0, 0.35])
+    for ax, title, where in zip(axes, _COLUMN_TITLES[:3], index, strict=True):
+        plane, region = image[where], inside[where]
+        vmin, vmax = _contrast_limits(plane, clip_std)
+        ax.imshow(plane, cmap="gray", vmin=vmin, vmax=vmax, aspect="equal")
+        ax.imshow(region[..., None] * tint, aspect="equal", interpolation="nearest")
+        if region.any() and not region.all():
+            ax.contour(region.astype(float), levels=[0.5], colors="orange", linewidths=0.8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{title}, {region.mean():.0%} in mask", fontsize=8)
     return fig

@@ -36,21 +36,30 @@ def read_volume(path: str | os.PathLike, *, mmap: bool = False) -> tuple[np.ndar
         raise InputError(f"{path}: no such file; check the path in your config or command line")
     if path.is_dir():
         raise InputError(f"{path}: is a directory; give the path of an .mrc file")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(
+            f"{path}: not a readable MRC file: it is empty (0 bytes); copy or export it again"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             handle = mrcfile.mmap(path, mode="r", permissive=False)
     except (ValueError, OSError, EOFError) as err:
-        raise InputError(
-            f"{path}: not a readable MRC file ({err}); re-export it as MRC (mode 2, float32)"
-        ) from None
+        raise InputError(_unreadable(path, size, err)) from None
     with handle as mrc:
         data = mrc.data
         if data is None or data.ndim != 3:
             shape = None if data is None else data.shape
             raise InputError(
-                f"{path}: expected a 3D volume, found data of shape {shape}; "
-                "give a tomogram (nz, ny, nx), not an image or a stack"
+                f"{path}: expected a 3D volume or stack, found data of shape {shape}; give a "
+                "tomogram (nz, ny, nx) or a tilt series (n_tilts, ny, nx), not a single image"
+            )
+        if data.dtype.kind not in "biuf":
+            raise InputError(
+                f"{path}: MRC mode {int(mrc.header.mode)} holds {data.dtype} values, not a "
+                "real-valued volume (a Fourier transform?); give the real-space tomogram, e.g. "
+                "as mode 2 (float32)"
             )
         voxel_size = float(mrc.voxel_size.x) or 1.0
         if mmap and data.dtype == np.float32:
@@ -59,8 +68,70 @@ def read_volume(path: str | os.PathLike, *, mmap: bool = False) -> tuple[np.ndar
         else:
             volume = np.asarray(data, dtype=np.float32).copy()
     if not mmap and not np.isfinite(volume).all():
-        raise InputError(f"{path}: contains NaN or Inf voxels; fix or mask them before use")
+        raise InputError(
+            f"{path}: contains NaN or Inf voxels; replace them (e.g. by the mean) and write "
+            "the volume again"
+        )
     return volume, voxel_size
+
+
+def _unreadable(path: Path, size: int, err: BaseException) -> str:
+    """Why mrcfile could not open `path`, on one line: truncated, or not MRC at all."""
+    fix = "copy or export it again"
+    if size < 1024:
+        return (
+            f"{path}: not a readable MRC file: truncated, {size} bytes is shorter than the "
+            f"1024-byte MRC header; {fix}"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
+                header = mrc.header
+                shape = (int(header.nz), int(header.ny), int(header.nx))
+                dtype = mrcfile.utils.data_dtype_from_header(header)
+                expected = 1024 + int(header.nsymbt) + int(np.prod(shape)) * dtype.itemsize
+    except Exception:  # a header mrcfile cannot parse at all: not MRC
+        expected = None
+    if expected is not None and size < expected:
+        return (
+            f"{path}: not a readable MRC file: truncated, {size} of {expected} bytes (header: "
+            f"{shape[0]}x{shape[1]}x{shape[2]} voxels of {dtype}); {fix}"
+        )
+    reason = " ".join(str(err).split())
+    return f"{path}: not a readable MRC file ({reason}); re-export it as MRC (mode 2, float32)"
+
+
+def output_folder(folder: str | os.PathLike) -> Path:
+    """Create `folder` (and its parents) for output, or raise a one-line `InputError` why not.
+
+    Parameters
+    ----------
+    folder
+        Folder that results will be written into.
+
+    Returns
+    -------
+    Path
+        The folder, which now exists.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next(
+            (p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None
+        )
+        if blocker is not None:
+            raise InputError(
+                f"{folder}: cannot create this output folder, {blocker} is a file; choose "
+                "another output folder or move that file"
+            ) from None
+        raise InputError(
+            f"{folder}: cannot create this output folder ({err.strerror}); choose a "
+            "writable output folder"
+        ) from None
+    return folder
 
 
 def write_volume(path: str | os.PathLike, volume: np.ndarray, *, voxel_size: float = 1.0) -> Path:
@@ -81,14 +152,26 @@ def write_volume(path: str | os.PathLike, volume: np.ndarray, *, voxel_size: flo
         The written path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    output_folder(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise InputError(
+            f"{path.parent}: cannot write in this folder ({err.strerror}); choose a writable "
+            "output folder"
+        ) from None
     os.close(fd)
     try:
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(np.ascontiguousarray(volume, dtype=np.float32))
             mrc.voxel_size = voxel_size
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise InputError(
+            f"{path}: cannot write the volume ({err.strerror}); free disk space or choose "
+            "another output folder"
+        ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

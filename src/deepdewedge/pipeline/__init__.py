@@ -1,0 +1,30 @@
+"""The steps as users run them: config in, files in the project directory out.
+
+This is the only package that mixes file layout with the algorithms. Layout of a project::
+
+    {project_dir}/subtomos/{fitting,val}/subtomo{0,1}.npy   rotation-ready crop banks
+    {project_dir}/subtomos/metadata.json                     sizes, coordinates, sources
+    {project_dir}/logs/checkpoints/*.ckpt                    latest, best-val, every-n
+    {project_dir}/logs/losses.csv                            one row per epoch
+    {project_dir}/refined_tomograms/*.mrc                    refined tomograms (+ .json)
+"""
+
+from deepdewedge.pipeline.common import provenance, resolve_device
+from deepdewedge.pipeline.fitting import best_checkpoint, fit_model, load_model, log_dir
+from deepdewedge.pipeline.prepare import load_banks, prepare_data, subtomo_dir
+from deepdewedge.pipeline.reconstruction import reconstruct
+from deepdewedge.pipeline.refining import refine_tomogram
+
+__all__ = [
+    "best_checkpoint",
+    "fit_model",
+    "load_banks",
+    "load_model",
+    "log_dir",
+    "prepare_data",
+    "provenance",
+    "reconstruct",
+    "refine_tomogram",
+    "resolve_device",
+    "subtomo_dir",
+]

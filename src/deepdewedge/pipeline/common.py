@@ -1,0 +1,139 @@
+"""Shared helpers of the steps: provenance records, devices, atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepdewedge import __version__
+from deepdewedge.io.mrc import InputError
+
+log = logging.getLogger(__name__)
+
+
+def provenance(config: Any) -> dict[str, Any]:
+    """Config, package version and command line, recorded with every artefact."""
+    return {
+        "deepdewedge_version": __version__,
+        "command_line": " ".join(sys.argv),
+        "config": json.loads(config.model_dump_json()),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def resolve_device(gpu: int | list[int] | None) -> torch.device:
+    """The device a step runs on: the first listed GPU, or the CPU when none is named."""
+    if gpu is None or gpu == []:
+        return torch.device("cpu")
+    if isinstance(gpu, list) and len(gpu) > 1:
+        log.warning("several GPUs given (%s); this step runs on GPU %d", gpu, gpu[0])
+    index = gpu[0] if isinstance(gpu, list) else gpu
+    if index < 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        raise InputError(
+            f"gpu {index} was requested but {torch.cuda.device_count()} CUDA device(s) are "
+            "visible; drop the gpu option to run on the CPU"
+        )
+    return torch.device("cuda", index)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Write an ``.npy`` file atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write a JSON record atomically."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def mean_std(volume: np.ndarray, chunk: int = 16) -> tuple[float, float]:
+    """Mean and standard deviation in float64, streamed over z slabs (memory-mapped input)."""
+    total, total_sq, n = 0.0, 0.0, 0
+    for z in range(0, volume.shape[0], chunk):
+        slab = np.asarray(volume[z : z + chunk], dtype=np.float64)
+        total += slab.sum()
+        total_sq += np.square(slab).sum()
+        n += slab.size
+    mean = total / n
+    return mean, float(np.sqrt(max(total_sq / n - mean**2, 0.0)))
+
+
+def sha256(path: Path, *, chunk: int = 1 << 24) -> str:
+    """Checksum of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_record(
+    path: Path, config: Any, *, inputs: list[Path], started: float, **extra: Any
+) -> None:
+    """JSON record beside an output: provenance, input checksums, wall time, extras."""
+    write_json(
+        path,
+        {
+            **provenance(config),
+            "inputs": {str(f): {"sha256": sha256(Path(f))} for f in inputs},
+            "seconds": round(time.perf_counter() - started, 3),
+            **extra,
+        },
+    )
+
+
+def check_writable(directory: Path, *, needed_bytes: int = 0) -> None:
+    """Fail before the work, not after it, if `directory` cannot take the outputs."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise InputError(
+            f"{directory}: cannot write there ({err.strerror}); choose another output folder "
+            "or fix its permissions"
+        ) from None
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise InputError(
+            f"{directory}: {free / 1e9:.1f} GB free but about {needed_bytes / 1e9:.1f} GB are "
+            "needed; free some space or choose another output folder"
+        )
+
+
+def save_figure(figure: Any, path: Path, *, dpi: int = 100) -> Path:
+    """Save a matplotlib figure atomically."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        figure.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path

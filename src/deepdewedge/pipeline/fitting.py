@@ -1,0 +1,161 @@
+"""Step 2: fit the network on the banks; checkpoints and loss logs."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepdewedge import __version__
+from deepdewedge.config import (
+    FitModelConfig,
+    RefineTomogramConfig,
+    check_divisible,
+)
+from deepdewedge.evaluate.figures import loss_curve_figure
+from deepdewedge.fit.loop import Callbacks, FitSettings, fit
+from deepdewedge.io.checkpoint import load_checkpoint
+from deepdewedge.io.mrc import InputError
+from deepdewedge.model.unet import DeWedgeModel
+from deepdewedge.pipeline.common import provenance, resolve_device, save_figure
+from deepdewedge.pipeline.prepare import load_banks, subtomo_dir
+
+log = logging.getLogger(__name__)
+
+
+def log_dir(config: FitModelConfig | RefineTomogramConfig) -> Path:
+    """Folder of the loss CSV and the checkpoints: ``logdir``, else ``{project_dir}/logs``."""
+    return Path(getattr(config, "logdir", None) or Path(config.project_dir) / "logs")
+
+
+def build_model(unet_params: dict[str, Any]) -> DeWedgeModel:
+    """The network of a config or checkpoint."""
+    return DeWedgeModel(**unet_params)
+
+
+def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> dict[str, Any]:
+    """Step 2: fit the network on the prepared banks; write checkpoints and the loss CSV.
+
+    Returns
+    -------
+    dict
+        ``history`` (one record per epoch), ``checkpoint`` (the latest) and
+        ``best_checkpoint`` (lowest validation loss, or the latest without validation).
+    """
+    banks, meta = load_banks(subtomo_dir(config), subtomo_size=config.subtomo_size)
+    subtomo_size = int(meta["subtomo_size"])
+    unet_params = config.unet_params_dict.model_dump(exclude={"in_chans", "out_chans"})
+    try:
+        check_divisible(subtomo_size, 2 ** unet_params["num_downsample_layers"])
+    except ValueError as err:
+        raise InputError(f"{subtomo_dir(config)}: {err}") from None
+    logs = log_dir(config)
+    ckpt_dir = logs / "checkpoints"
+    latest = ckpt_dir / "latest.ckpt"
+    resume_from = config.resume_from_checkpoint or (latest if config.resume else None)
+    if resume_from is not None and not Path(resume_from).exists():
+        raise InputError(f"{resume_from}: nothing to resume from; run fit-model without --resume")
+    if resume_from is None and latest.exists() and not config.overwrite:
+        raise InputError(
+            f"{latest}: a fit already exists; pass --resume to continue it or --overwrite "
+            "to start again and discard its checkpoints"
+        )
+    device = resolve_device(config.gpu)
+    torch.manual_seed(config.seed)
+    model = build_model(unet_params)
+    adam = config.adam_params_dict.model_dump()
+    adam["betas"] = tuple(adam["betas"])
+    settings = FitSettings(
+        subtomo_size=subtomo_size,
+        mw_angle=config.mw_angle,
+        num_epochs=config.num_epochs,
+        batch_size=config.batch_size,
+        adam_params=adam,
+        seed=config.seed,
+        rotate=config.rotate,
+        wedge_mask=config.wedge_mask,
+        interpolation=config.interpolation,
+        update_every=config.update_subtomo_missing_wedges_every_n_epochs,
+        check_val_every=config.check_val_every_n_epochs,
+        save_every=config.save_model_every_n_epochs,
+        keep_best_val=config.save_n_models_with_lowest_val_loss,
+        keep_best_fit=config.save_n_models_with_lowest_fitting_loss,
+        precision=config.precision,
+        device=device,
+    )
+    extra = {
+        **provenance(config),
+        "bank_id": meta.get("bank_id"),
+        "unet_params": unet_params,
+        "subtomo_size": subtomo_size,
+        "mw_angle": config.mw_angle,
+    }
+    if resume_from is None and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # --overwrite, checked above; only now that all is valid
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = callbacks or Callbacks()
+    on_epoch = callbacks.on_epoch
+
+    def write_losses(record: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        write_loss_csv(logs / "losses.csv", history)
+        if record["val_loss"] is not None or record["epoch"] + 1 == config.num_epochs:
+            save_figure(
+                loss_curve_figure(
+                    [r["epoch"] for r in history],
+                    [r["fitting_loss"] for r in history],
+                    [r["val_loss"] for r in history],
+                ),
+                logs / "loss_curve.png",
+            )
+        if on_epoch is not None:
+            on_epoch(record, history)
+
+    history = fit(
+        model,
+        banks,
+        settings,
+        checkpoint_dir=ckpt_dir,
+        resume_from=resume_from,
+        extra_state=extra,
+        callbacks=Callbacks(on_step=callbacks.on_step, on_epoch=write_losses),
+    )
+    return {"history": history, "checkpoint": latest, "best_checkpoint": best_checkpoint(ckpt_dir)}
+
+
+def write_loss_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    """One row per epoch: epoch, fitting_loss, val_loss (empty when not computed)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["epoch", "fitting_loss", "val_loss"])
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def best_checkpoint(ckpt_dir: Path) -> Path:
+    """The checkpoint with the lowest validation loss, else the latest."""
+    best = sorted(
+        ckpt_dir.glob("best-val-*.ckpt"), key=lambda p: float(p.stem.split("val_loss=")[1])
+    )
+    return best[0] if best else ckpt_dir / "latest.ckpt"
+
+
+def load_model(path: Path) -> tuple[DeWedgeModel, dict[str, Any]]:
+    """Rebuild the fitted network stored in a checkpoint."""
+    state = load_checkpoint(path)
+    model = build_model(state["unet_params"])
+    try:
+        model.load_state_dict(state["model_state"])
+    except RuntimeError:
+        raise InputError(
+            f"{path}: weights do not match the network layout of this version "
+            f"({__version__}; written by {state.get('deepdewedge_version', 'unknown')}); "
+            "refine with the version that fitted it or fit again"
+        ) from None
+    return model.eval(), state
