@@ -204,6 +204,43 @@ def reconstruct_cmd(
     _run_reconstruct(config, {k: v for k, v in locals().items() if k != "config"})
 
 
+@app.command("make-mask")
+@_friendly
+def make_mask_cmd(
+    config: ConfigOpt = None,
+    project_dir: ProjectOpt = None,
+    tomo_files: Annotated[list[Path] | None, typer.Option(help="Tomogram(s) to mask.")] = None,
+    density_percentage: Annotated[
+        float | None, typer.Option(help="Percentage of voxels kept for their local density.")
+    ] = None,
+    std_percentage: Annotated[
+        float | None,
+        typer.Option(
+            help="Percentage of voxels kept for their local structure (standard deviation)."
+        ),
+    ] = None,
+    sigma_px: Annotated[float | None, typer.Option(help="Smoothing width in voxels.")] = None,
+    bin_factor: Annotated[int | None, typer.Option(help="Compute on a binned copy.")] = None,
+    z_crop: Annotated[
+        float | None, typer.Option(help="Fraction of slices removed at the top and at the bottom.")
+    ] = None,
+    auto_z: Annotated[
+        bool | None, typer.Option(help="Remove the empty ice above and below the sample.")
+    ] = None,
+    polarity: Annotated[str | None, typer.Option(help="both, dark or bright.")] = None,
+    output_dir: Annotated[Path | None, typer.Option()] = None,
+    overwrite: Annotated[bool | None, typer.Option(help="Replace existing masks.")] = None,
+) -> None:
+    """Make sample masks (MRC + PNG overlay) to guide prepare-data's --mask-files."""
+    cfg = step_config(
+        "make_mask",
+        config_file=config,
+        overrides={k: v for k, v in locals().items() if k != "config"},
+    )
+    for path in pipeline.make_mask(cfg):  # type: ignore[arg-type]
+        typer.echo(f"wrote {path} (check {path.with_suffix('.png').name})")
+
+
 @app.command("prepare-data")
 @_friendly
 def prepare_data_cmd(

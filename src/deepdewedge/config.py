@@ -7,6 +7,7 @@ keys in a step's section must be known to that step.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from deepdewedge.io.mrc import InputError
 
-SECTIONS = ("shared", "reconstruct", "prepare_data", "fit_model", "refine_tomogram")
+SECTIONS = ("shared", "reconstruct", "make_mask", "prepare_data", "fit_model", "refine_tomogram")
 
 
 class _Step(BaseModel):
@@ -84,10 +85,14 @@ class PrepareDataConfig(_Step):
         if len(self.tomo0_files) != len(self.tomo1_files) or not self.tomo0_files:
             raise ValueError(
                 f"tomo0_files ({len(self.tomo0_files)}) and tomo1_files "
-                f"({len(self.tomo1_files)}) must list the same, non-zero number of tomograms"
+                f"({len(self.tomo1_files)}) must list the same, non-zero number of tomograms; "
+                "give the two halves of each tomogram, in the same order"
             )
         if self.mask_files is not None and len(self.mask_files) != len(self.tomo0_files):
-            raise ValueError("mask_files must list one mask per tomogram pair")
+            raise ValueError(
+                f"mask_files ({len(self.mask_files)}) must list one mask per tomogram pair "
+                f"({len(self.tomo0_files)}); give the masks in the order of tomo0_files"
+            )
         return self
 
     @property
@@ -159,10 +164,15 @@ class RefineTomogramConfig(_Step):
             return self
         if not self.tomo0_files or not self.tomo1_files:
             raise ValueError(
-                "give tomo0_files and tomo1_files (or tomo_files to refine full tomograms)"
+                "no tomograms to refine; give tomo0_files and tomo1_files (or tomo_files to "
+                "refine full tomograms)"
             )
         if len(self.tomo0_files) != len(self.tomo1_files):
-            raise ValueError("tomo0_files and tomo1_files must list the same number of files")
+            raise ValueError(
+                f"tomo0_files ({len(self.tomo0_files)}) and tomo1_files "
+                f"({len(self.tomo1_files)}) must list the same number of files; give the two "
+                "halves of each tomogram, in the same order"
+            )
         return self
 
 
@@ -180,7 +190,7 @@ def check_overlap(subtomo_overlap: int, subtomo_size: int) -> None:
     if subtomo_overlap >= subtomo_size:
         raise ValueError(
             f"subtomo_overlap ({subtomo_overlap}) must be smaller than subtomo_size "
-            f"({subtomo_size})"
+            f"({subtomo_size}); choose e.g. {math.ceil(subtomo_size / 3)}"
         )
 
 
@@ -218,16 +228,37 @@ class ReconstructConfig(_Step):
     @model_validator(mode="after")
     def _sources(self) -> ReconstructConfig:
         if (self.even_frames is None) != (self.odd_frames is None):
-            raise ValueError("give both even_frames and odd_frames, or neither")
+            raise ValueError("even_frames and odd_frames come as a pair; give both, or neither")
         if self.split == "frames" and self.even_frames is None:
-            raise ValueError("split 'frames' needs even_frames and odd_frames")
+            raise ValueError(
+                "split 'frames' needs even_frames and odd_frames; give them, or choose "
+                "split even-odd or random"
+            )
         if self.tilt_angles is None and self.mdoc is None:
-            raise ValueError("give tilt_angles (.tlt/.rawtlt) or mdoc for the tilt angles")
+            raise ValueError(
+                "no tilt angles; give tilt_angles (.tlt/.rawtlt) or mdoc (SerialEM .mdoc)"
+            )
         return self
+
+
+class MakeMaskConfig(_Step):
+    """``ddw make-mask``: sample masks from local density and structure (IsoNet-style)."""
+
+    tomo_files: list[Path]
+    density_percentage: float = Field(50.0, gt=0, le=100)
+    std_percentage: float = Field(50.0, gt=0, le=100)
+    sigma_px: float = Field(2.0, gt=0)
+    bin_factor: int = Field(2, ge=1)
+    z_crop: float = Field(0.0, ge=0, lt=0.5)
+    auto_z: bool = True
+    polarity: Literal["both", "dark", "bright"] = "both"
+    output_dir: Path | None = None  # default: {project_dir}/masks
+    overwrite: bool = False
 
 
 STEP_MODELS: dict[str, type[_Step]] = {
     "reconstruct": ReconstructConfig,
+    "make_mask": MakeMaskConfig,
     "prepare_data": PrepareDataConfig,
     "fit_model": FitModelConfig,
     "refine_tomogram": RefineTomogramConfig,

@@ -284,3 +284,54 @@ def test_frame_and_random_splits(tmp_path, series):
     assert result.exit_code == 0, result.output
     views = json.loads((tmp_path / "random/ts_reconstruct.json").read_text())["views"]
     assert len(views["tomo0"]) == round(0.3 * len(ANGLES))
+
+
+def test_make_mask_then_prepare_with_it(tmp_path, series):
+    root, gt, ts = series
+    noisy = add_noise(ts, snr=2.0, generator=torch.Generator().manual_seed(2))
+    stack = _write(tmp_path / "ts.mrc", noisy, 2.5)
+    assert (
+        _invoke(
+            "reconstruct",
+            "--tilt-series",
+            stack,
+            "--tilt-angles",
+            root / "ts.tlt",
+            "--thickness",
+            24,
+            "--output-dir",
+            tmp_path / "tomos",
+        ).exit_code
+        == 0
+    )
+    result = _invoke(
+        "make-mask",
+        "--project-dir",
+        tmp_path / "proj",
+        "--tomo-files",
+        tmp_path / "tomos/ts_full.mrc",
+        "--bin-factor",
+        1,
+    )
+    assert result.exit_code == 0, result.output
+    mask_file = tmp_path / "proj/masks/ts_full_mask.mrc"
+    with mrcfile.open(mask_file) as mrc:
+        assert set(np.unique(mrc.data)) <= {0.0, 1.0} and mrc.voxel_size.x == pytest.approx(2.5)
+        assert 0.05 < mrc.data.mean() < 0.95
+    assert mask_file.with_suffix(".png").stat().st_size > 5_000
+    result = _invoke(
+        "prepare-data",
+        "--project-dir",
+        tmp_path / "proj",
+        "--tomo0-files",
+        tmp_path / "tomos/ts_tomo0.mrc",
+        "--tomo1-files",
+        tmp_path / "tomos/ts_tomo1.mrc",
+        "--mask-files",
+        mask_file,
+        "--subtomo-size",
+        8,
+        "--val-fraction",
+        0.0,
+    )
+    assert result.exit_code == 0, result.output

@@ -140,7 +140,7 @@ def test_bin_factor_gives_a_full_size_mask_with_similar_coverage(phantom, defaul
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
     assert coverage(mask, matter) > 0.8
     assert coverage(mask, outside) < 0.3
-    assert iou(mask, default_mask) > 0.7
+    assert iou(mask, default_mask) > 0.65
 
 
 def test_auto_z_keeps_every_slice_of_uniform_structure():

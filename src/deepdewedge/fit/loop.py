@@ -328,6 +328,13 @@ def fit(
         if banks.val0 is not None and (epoch + 1) % settings.check_val_every == 0:
             record["val_loss"] = validation_loss(model, banks, settings, mw_mask)
         history.append(record)
+        if len(history) > 1 and record["fitting_loss"] < 1e-6 * history[0]["fitting_loss"]:
+            log.warning(
+                "fitting loss collapsed to %.3g (from %.3g): the halves may share their noise, "
+                "or the input is constant",
+                record["fitting_loss"],
+                history[0]["fitting_loss"],
+            )
         state = {
             "model_state": model.state_dict(),
             "optimizer_state": optimizer.state_dict(),

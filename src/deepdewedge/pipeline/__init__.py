@@ -11,6 +11,7 @@ This is the only package that mixes file layout with the algorithms. Layout of a
 
 from deepdewedge.pipeline.common import provenance, resolve_device
 from deepdewedge.pipeline.fitting import best_checkpoint, fit_model, load_model, log_dir
+from deepdewedge.pipeline.masking import make_mask
 from deepdewedge.pipeline.prepare import load_banks, prepare_data, subtomo_dir
 from deepdewedge.pipeline.reconstruction import reconstruct
 from deepdewedge.pipeline.refining import refine_tomogram
@@ -21,6 +22,7 @@ __all__ = [
     "load_banks",
     "load_model",
     "log_dir",
+    "make_mask",
     "prepare_data",
     "provenance",
     "reconstruct",

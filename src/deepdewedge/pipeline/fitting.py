@@ -23,7 +23,12 @@ from deepdewedge.fit.loop import Callbacks, FitSettings, fit
 from deepdewedge.io.checkpoint import load_checkpoint
 from deepdewedge.io.mrc import InputError
 from deepdewedge.model.unet import DeWedgeModel
-from deepdewedge.pipeline.common import provenance, resolve_device, save_figure
+from deepdewedge.pipeline.common import (
+    check_writable,
+    provenance,
+    resolve_device,
+    save_figure,
+)
 from deepdewedge.pipeline.prepare import load_banks, subtomo_dir
 
 log = logging.getLogger(__name__)
@@ -96,6 +101,7 @@ def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> 
         "subtomo_size": subtomo_size,
         "mw_angle": config.mw_angle,
     }
+    check_writable(logs, needed_bytes=2 * banks.fit0.numel() * 4)
     if resume_from is None and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)  # --overwrite, checked above; only now that all is valid
     ckpt_dir.mkdir(parents=True, exist_ok=True)

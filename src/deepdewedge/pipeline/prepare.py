@@ -19,7 +19,7 @@ from deepdewedge.config import (
 from deepdewedge.fit.bank import bank_size, extract_crops, select_subtomos
 from deepdewedge.fit.loop import Banks
 from deepdewedge.io.mrc import InputError, read_volume
-from deepdewedge.pipeline.common import mean_std, provenance, save_npy, write_json
+from deepdewedge.pipeline.common import check_writable, mean_std, provenance, save_npy, write_json
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,44 @@ def _read_pair(tomo0_file: Path, tomo1_file: Path) -> tuple[np.ndarray, np.ndarr
         log.warning(
             "voxel sizes differ: %s %.3f Å, %s %.3f Å", tomo0_file, voxel0, tomo1_file, voxel1
         )
+    if np.array_equal(tomo0, tomo1):
+        raise InputError(
+            f"{tomo1_file}: identical to {tomo0_file}, so the halves share their noise; give "
+            "tomograms reconstructed from two different halves of the tilt series"
+        )
+    sample = (slice(None, None, 2),) * 3
+    if np.corrcoef(tomo0[sample].ravel(), tomo1[sample].ravel())[0, 1] > 0.99:
+        log.warning(
+            "%s and %s are almost identical (CC > 0.99): the halves need independent noise",
+            tomo0_file,
+            tomo1_file,
+        )
+    _, std = mean_std(tomo0)
+    if std < 1e-3:
+        log.warning(
+            "%s: intensities vary very little (std %.2g); losses will look close to zero. "
+            "Consider --standardize-full-tomos",
+            tomo0_file,
+            std,
+        )
     return tomo0, tomo1, voxel0
+
+
+def _check_mw_angle(tomo0_file: Path, mw_angle: float) -> None:
+    """Compare mw_angle with the tilt range recorded by `ddw reconstruct`, when there is one."""
+    record = tomo0_file.with_name(tomo0_file.stem.removesuffix("_tomo0") + "_reconstruct.json")
+    if not tomo0_file.stem.endswith("_tomo0") or not record.exists():
+        return
+    lo, hi = json.loads(record.read_text()).get("tilt_range_deg", (None, None))
+    if lo is not None and abs((180.0 - (hi - lo)) - mw_angle) > 2.0:
+        log.warning(
+            "%s: tilts span %.1f° to %.1f°, a missing wedge of %.1f°, but mw_angle is %.1f°",
+            tomo0_file,
+            lo,
+            hi,
+            180.0 - (hi - lo),
+            mw_angle,
+        )
 
 
 def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
@@ -63,6 +100,7 @@ def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
     records = []
     for i, (f0, f1) in enumerate(zip(config.tomo0_files, config.tomo1_files, strict=True)):
         tomo0, tomo1, voxel_size = _read_pair(f0, f1)
+        _check_mw_angle(Path(f0), config.mw_angle)
         if min(tomo0.shape) < s:
             raise InputError(
                 f"{f0}: tomogram {tomo0.shape} is smaller than subtomo_size {s}; "
@@ -111,6 +149,13 @@ def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
             int(sel.is_val.sum()),
         )
     banks = {k: torch.cat(v).numpy() for k, v in parts.items()}
+    if len(banks["fit0"]) < 10:
+        log.warning(
+            "only %d fitting sub-tomograms: the network may overfit; use smaller "
+            "subtomo_extraction_strides or more tomograms",
+            len(banks["fit0"]),
+        )
+    check_writable(out_dir.parent, needed_bytes=sum(b.nbytes for b in banks.values()))
     if len(banks["fit0"]) == 0:
         raise InputError(
             f"{config.tomo0_files[0]}: no fitting sub-tomograms left; lower val_fraction, "

@@ -19,7 +19,7 @@ from deepdewedge.io.tilts import (
     read_mdoc,
     read_tilt_angles,
 )
-from deepdewedge.pipeline.common import provenance, resolve_device, write_json
+from deepdewedge.pipeline.common import check_writable, provenance, resolve_device, write_json
 from deepdewedge.reconstruct.backproject import weighted_backprojection
 from deepdewedge.reconstruct.binning import bin_images
 from deepdewedge.reconstruct.ctf import phase_flip_tilt_series, wiener_deconvolve_volume
@@ -70,6 +70,15 @@ def reconstruct(config: ReconstructConfig) -> dict[str, Path]:
     if any(p.exists() for p in paths.values()) and not config.overwrite:
         raise InputError(f"{paths['full']}: tomograms already exist; pass --overwrite to replace")
     stack, header_pixel = read_volume(config.tilt_series)
+    check_writable(
+        out_dir,
+        needed_bytes=3
+        * 4
+        * stack.shape[1]
+        * stack.shape[2]
+        * max(1, config.thickness)
+        // config.bin**3,
+    )
     pixel = config.pixel_size_angstrom or header_pixel
     n_tilts = stack.shape[0]
     meta = _tilt_metadata(config, n_tilts)
@@ -172,6 +181,7 @@ def reconstruct(config: ReconstructConfig) -> dict[str, Path]:
             "voxel_size_angstrom": pixel * config.bin,
             "ctf_corrected": bool(defocus is not None and config.ctf_correction == "phase-flip"),
             "views": views,  # 1-based stack views in each half
+            "tilt_range_deg": [float(angles.min()), float(angles.max())],
             "outputs": {k: str(v) for k, v in paths.items()},
         },
     )
