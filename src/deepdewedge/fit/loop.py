@@ -247,6 +247,8 @@ def fit(
             (settings.subtomo_size,) * 3, mw_angle_deg=settings.mw_angle, device=device
         )
     writer = CheckpointWriter(checkpoint_dir, settings, extra_state or {})
+    for stale in checkpoint_dir.parent.rglob(".*.tmp"):  # left by a run killed mid-write
+        stale.unlink()
     history: list[dict[str, Any]] = []
     start_epoch = 0
     bank_file = None

@@ -129,10 +129,10 @@ def check_writable(directory: Path, *, needed_bytes: int = 0) -> None:
 
 def save_figure(figure: Any, path: Path, *, dpi: int = 100) -> Path:
     """Save a matplotlib figure atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        figure.savefig(tmp, dpi=dpi)
+        figure.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

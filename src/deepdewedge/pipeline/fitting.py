@@ -109,7 +109,7 @@ def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> 
     on_epoch = callbacks.on_epoch
 
     def write_losses(record: dict[str, Any], history: list[dict[str, Any]]) -> None:
-        write_loss_csv(logs / "losses.csv", history)
+        write_loss_csv(logs / "losses.csv", history)  # atomic: a kill leaves the old file
         if record["val_loss"] is not None or record["epoch"] + 1 == config.num_epochs:
             save_figure(
                 loss_curve_figure(
