@@ -104,7 +104,13 @@ def _fit_callbacks(num_epochs: int) -> tuple[Callbacks, list[tqdm]]:
 
 def _run_reconstruct(config_file: Path | None, overrides: dict[str, Any]) -> dict[str, Path]:
     config = step_config("reconstruct", config_file=config_file, overrides=overrides)
-    written = pipeline.reconstruct(config)  # type: ignore[arg-type]
+    with tqdm(desc="reconstructing", unit="tomogram", total=3, dynamic_ncols=True) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.n = done
+            bar.refresh()
+
+        written = pipeline.reconstruct(config, progress=progress)  # type: ignore[arg-type]
     for path in written.values():
         typer.echo(f"wrote {path}")
     return written

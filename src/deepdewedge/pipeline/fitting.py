@@ -108,8 +108,15 @@ def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> 
     callbacks = callbacks or Callbacks()
     on_epoch = callbacks.on_epoch
 
+    board = _tensorboard(logs) if config.logger == "tensorboard" else None
+
     def write_losses(record: dict[str, Any], history: list[dict[str, Any]]) -> None:
         write_loss_csv(logs / "losses.csv", history)  # atomic: a kill leaves the old file
+        if board is not None:
+            for key in ("fitting_loss", "val_loss"):
+                if record[key] is not None:
+                    board.add_scalar(key, record[key], record["epoch"])
+            board.flush()
         if record["val_loss"] is not None or record["epoch"] + 1 == config.num_epochs:
             save_figure(
                 loss_curve_figure(
@@ -132,6 +139,19 @@ def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> 
         callbacks=Callbacks(on_step=callbacks.on_step, on_epoch=write_losses),
     )
     return {"history": history, "checkpoint": latest, "best_checkpoint": best_checkpoint(ckpt_dir)}
+
+
+def _tensorboard(logs: Path) -> Any:
+    """A TensorBoard writer under ``{logdir}/tensorboard``, if tensorboard is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning(
+            "tensorboard is not installed (pip install tensorboard); losses go to %s only",
+            logs / "losses.csv",
+        )
+        return None
+    return SummaryWriter(log_dir=str(logs / "tensorboard"))
 
 
 def write_loss_csv(path: Path, history: list[dict[str, Any]]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,9 @@ def _tilt_metadata(config: ReconstructConfig, n_tilts: int) -> dict[str, Any]:
     return {"angles": np.asarray(angles, dtype=np.float64), "order": order, "defocus": defocus}
 
 
-def reconstruct(config: ReconstructConfig) -> dict[str, Path]:
+def reconstruct(
+    config: ReconstructConfig, *, progress: Callable[[int, int], None] | None = None
+) -> dict[str, Path]:
     """Step 1: split an aligned tilt series and reconstruct tomo0, tomo1 and the full tomogram.
 
     Returns
@@ -117,6 +120,8 @@ def reconstruct(config: ReconstructConfig) -> dict[str, Path]:
             )
         return ts
 
+    done = [0]
+
     def wbp(ts: torch.Tensor, ang: torch.Tensor) -> np.ndarray:
         volume = weighted_backprojection(
             ts,
@@ -139,6 +144,9 @@ def reconstruct(config: ReconstructConfig) -> dict[str, Path]:
                 highpass_nyquist=config.highpass_nyquist,
                 phase_flipped=config.ctf_correction == "phase-flip",
             )
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], 3)
         return volume.cpu().numpy()
 
     split = config.split or ("frames" if config.even_frames is not None else "even-odd")
