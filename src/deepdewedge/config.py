@@ -457,14 +457,13 @@ def _first_error(
     if kind == "missing":
         return f"{where}: a value is missing ({msg}); complete it"
     if kind == "extra_forbidden":
-        parent = _clean_loc(model, tuple(first["loc"][:-1]))
-        known = model
-        for name in parent:
-            known = known.model_fields[name].annotation  # type: ignore[assignment]
-        return (
-            f"{where}: unknown key; check its spelling (known keys: "
-            f"{', '.join(known.model_fields)})"
-        )
+        known: Any = model
+        for name in first["loc"][:-1]:
+            field = getattr(known, "model_fields", {}).get(name)
+            known = field.annotation if field is not None else None
+        names = getattr(known, "model_fields", None)
+        listed = f" (known keys: {', '.join(names)})" if names else ""
+        return f"{where}: unknown key; check its spelling{listed}"
     if not parts:  # a rule about several keys: the message names them and the fix
         return f"{where}: {msg}"
     got = first.get("input")

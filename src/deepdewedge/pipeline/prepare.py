@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,12 @@ from deepdewedge.config import (
 from deepdewedge.fit.bank import bank_size, extract_crops, select_subtomos
 from deepdewedge.fit.loop import Banks
 from deepdewedge.io.mrc import InputError, read_volume
-from deepdewedge.pipeline.common import check_writable, mean_std, provenance, save_npy, write_json
+from deepdewedge.pipeline.common import (
+    check_writable,
+    mean_std,
+    save_npy,
+    write_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +95,7 @@ def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
     dict
         Counts of fitting and validation sub-tomograms and the bank folder.
     """
+    started = time.perf_counter()
     out_dir = subtomo_dir(config)
     if (out_dir / "metadata.json").exists() and not config.overwrite:
         raise InputError(
@@ -166,17 +173,17 @@ def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
     for split, key in (("fitting", "fit"), ("val", "val")):
         for half in ("0", "1"):
             save_npy(out_dir / split / f"subtomo{half}.npy", banks[key + half])
-    write_json(
+    write_record(
         out_dir / "metadata.json",
-        {
-            **provenance(config),
-            "bank_id": uuid.uuid4().hex,
-            "subtomo_size": s,
-            "bank_size": bank_size(s),
-            "tomo0_files": [str(f) for f in config.tomo0_files],
-            "tomo1_files": [str(f) for f in config.tomo1_files],
-            "subtomos": records,
-        },
+        config,
+        inputs=[*config.tomo0_files, *config.tomo1_files, *(config.mask_files or [])],
+        started=started,
+        bank_id=uuid.uuid4().hex,
+        subtomo_size=s,
+        bank_size=bank_size(s),
+        tomo0_files=[str(f) for f in config.tomo0_files],
+        tomo1_files=[str(f) for f in config.tomo1_files],
+        subtomos=records,
     )
     return {"n_fitting": len(banks["fit0"]), "n_val": len(banks["val0"]), "dir": out_dir}
 

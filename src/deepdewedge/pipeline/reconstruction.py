@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,11 @@ from deepdewedge.io.tilts import (
     read_mdoc,
     read_tilt_angles,
 )
-from deepdewedge.pipeline.common import check_writable, provenance, resolve_device, write_json
+from deepdewedge.pipeline.common import (
+    check_writable,
+    resolve_device,
+    write_record,
+)
 from deepdewedge.reconstruct.backproject import weighted_backprojection
 from deepdewedge.reconstruct.binning import bin_images
 from deepdewedge.reconstruct.ctf import phase_flip_tilt_series, wiener_deconvolve_volume
@@ -67,6 +72,7 @@ def reconstruct(
     dict
         Paths of the ``full``, ``tomo0`` and ``tomo1`` tomograms and the ``record`` (JSON).
     """
+    started = time.perf_counter()
     out_dir = Path(config.output_dir or Path(config.project_dir) / "tomograms")
     stem = Path(config.tilt_series).stem
     paths = {name: out_dir / f"{stem}_{name}.mrc" for name in ("full", "tomo0", "tomo1")}
@@ -180,17 +186,25 @@ def reconstruct(
     for name, path in paths.items():
         write_volume(path, volumes[name], voxel_size=pixel * config.bin)
     record = out_dir / f"{stem}_reconstruct.json"
-    write_json(
+    sources = [
+        config.tilt_series,
+        config.tilt_angles,
+        config.mdoc,
+        config.even_frames,
+        config.odd_frames,
+        config.defocus_file,
+    ]
+    write_record(
         record,
-        {
-            **provenance(config),
-            "split": split,
-            "n_tilts_used": int(len(kept)),
-            "voxel_size_angstrom": pixel * config.bin,
-            "ctf_corrected": bool(defocus is not None and config.ctf_correction == "phase-flip"),
-            "views": views,  # 1-based stack views in each half
-            "tilt_range_deg": [float(angles.min()), float(angles.max())],
-            "outputs": {k: str(v) for k, v in paths.items()},
-        },
+        config,
+        inputs=[Path(f) for f in sources if f is not None],
+        started=started,
+        split=split,
+        n_tilts_used=int(len(kept)),
+        voxel_size_angstrom=pixel * config.bin,
+        ctf_corrected=bool(defocus is not None and config.ctf_correction == "phase-flip"),
+        views=views,  # 1-based stack views in each half
+        tilt_range_deg=[float(angles.min()), float(angles.max())],
+        outputs={k: str(v) for k, v in paths.items()},
     )
     return {**paths, "record": record}
