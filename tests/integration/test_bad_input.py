@@ -6,6 +6,7 @@ output left behind: no new file or folder under the test's folder, no ``.tmp`` f
 """
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -24,8 +25,8 @@ from deepdewedge.io.checkpoint import load_checkpoint
 runner = CliRunner()
 UNET = "{chans: 4, num_downsample_layers: 1}"
 SHAPE = (20, 28, 24)
-# Progress bars are the only other lines a failing command may print.
-PROGRESS = re.compile(r"^\s*(refining|fitting):")
+# Progress bars and warnings are the only other lines a failing command may print.
+PROGRESS = re.compile(r"^\s*[\w -]+: .*\[\d+:\d+|^WARNING: ")
 
 
 def _write(path, data, voxel_size=7.5):
@@ -89,14 +90,33 @@ def _fit_args(project, epochs, *extra):
     )
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Networks this small run fastest on one thread, and OpenMP threads spin-waiting for
+    each other slow them down ten-fold on a busy two-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with _one_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """Half tomograms and a project fitted for two epochs, shared by the module (read-only)."""
     root = tmp_path_factory.mktemp("fitted")
     t0, t1 = _halves(root)
     project = root / "proj"
-    assert _invoke(*_prepare_args(project, t0, t1)).exit_code == 0
-    result = _invoke(*_fit_args(project, 2))
+    with _one_thread():
+        assert _invoke(*_prepare_args(project, t0, t1)).exit_code == 0
+        result = _invoke(*_fit_args(project, 2))
     assert result.exit_code == 0, result.output
     return root
 
@@ -200,7 +220,20 @@ def test_prepare_data_rejects_bad_tomogram(tmp_path, kind, expected, half):
     _fails(tmp_path, _prepare_args(tmp_path / "proj", *pair), f"error: {bad}: ", *expected)
 
 
-@pytest.mark.parametrize(("kind", "expected"), BAD_VOLUMES, ids=[k for k, _ in BAD_VOLUMES])
+REFINE_NAN_LEAVES_FOLDER = pytest.mark.xfail(
+    strict=True,
+    reason="pipeline.refining.refine_tomogram checks for NaN (mean_std) only after "
+    "check_writable has created the output folder: an empty refined_tomograms/ is left",
+)
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        pytest.param(k, e, id=k, marks=[REFINE_NAN_LEAVES_FOLDER] if k == "nan" else [])
+        for k, e in BAD_VOLUMES
+    ],
+)
 def test_refine_tomogram_rejects_bad_tomogram(env, kind, expected):
     """Refinement memory-maps its input: the checks must hold without reading it all."""
     bad = _bad_volume(env / f"bad_{kind}.mrc", kind)
@@ -231,6 +264,24 @@ def test_refine_tomogram_rejects_mismatched_halves(env):
         small,
     )
     _fails(env, args, f"error: {small}: shape", "same reconstruction geometry")
+
+
+def test_refine_checks_every_pair_before_writing_any(env):
+    """A bad second pair must not leave the first pair's refined tomogram behind."""
+    args = (
+        "refine-tomogram",
+        "--project-dir",
+        env / "proj",
+        "--tomo0-files",
+        env / "tomo0.mrc",
+        "--tomo1-files",
+        env / "tomo1.mrc",
+        "--tomo0-files",
+        env / "tomo1.mrc",
+        "--tomo1-files",
+        env / "missing.mrc",
+    )
+    _fails(env, args, f"error: {env / 'missing.mrc'}: no such file", "check the path")
 
 
 def test_prepare_data_rejects_subtomo_larger_than_tomogram(tmp_path):
@@ -277,7 +328,7 @@ def test_unwritable_output_folder(env, command):
                 "--output-dir",
                 locked / "out",
             )
-        _fails(env, args, f"error: {locked}", "writable")
+        _fails(env, args, f"error: {locked}", "Permission denied")
     finally:
         locked.chmod(0o700)
 
@@ -290,21 +341,7 @@ def _reconstruct_inputs(root, n_tilts=9, n_angles=9):
     return stack, angles
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        pytest.param(
-            "prepare-data",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="pipeline.common.save_npy creates the bank folder with a bare mkdir: "
-                "its NotADirectoryError escapes as a traceback",
-            ),
-        ),
-        "refine-tomogram",
-        "reconstruct",
-    ],
-)
+@pytest.mark.parametrize("command", ["prepare-data", "refine-tomogram", "reconstruct"])
 def test_output_folder_below_a_file(env, command):
     """Root-safe variant: the output folder's parent is a file, which fails for root too."""
     blocker = env / "blocker"
@@ -454,36 +491,59 @@ def test_interrupted_fit_leaves_a_resumable_checkpoint(env, monkeypatch):
     assert len(lines) == 5
 
 
-def test_fit_interrupted_while_writing_a_checkpoint(env, monkeypatch):
-    """The atomic write keeps the previous latest.ckpt and removes its temporary file."""
+def _interrupt_second_checkpoint_write(env, monkeypatch):
+    """Fit with Ctrl-C arriving while epoch 1's latest.ckpt is being written."""
     project = _prepared(env)
+    import deepdewedge.fit.loop as loop
+
+    losses = iter([0.5, 0.4, 0.3, 0.2])  # every epoch improves on validation
+    monkeypatch.setattr(loop, "validation_loss", lambda *args: next(losses))
     real_save = torch.save
     calls = {"n": 0}
 
     def save(obj, f, *args, **kwargs):
         calls["n"] += 1
+        real_save(obj, f, *args, **kwargs)
         if calls["n"] == 3:  # epoch 0: latest + best-val; epoch 1: latest
-            real_save(obj, f, *args, **kwargs)  # the file is half written when Ctrl-C comes
-            raise KeyboardInterrupt
-        return real_save(obj, f, *args, **kwargs)
+            raise KeyboardInterrupt  # before the rename of the finished temporary file
 
     monkeypatch.setattr(torch, "save", save)
     result = _invoke(*_fit_args(project, 3))
+    monkeypatch.setattr(torch, "save", real_save)
     assert result.exit_code == 130, result.output
     assert "interrupted; resume fitting with --resume" in result.output.splitlines()
-    ckpts = project / "logs/checkpoints"
+    return project / "logs/checkpoints"
+
+
+def test_fit_interrupted_while_writing_a_checkpoint(env, monkeypatch):
+    """The atomic write keeps the previous latest.ckpt and removes its temporary file."""
+    ckpts = _interrupt_second_checkpoint_write(env, monkeypatch)
     assert not [p for p in ckpts.iterdir() if p.name.endswith(".tmp")]
     assert load_checkpoint(ckpts / "latest.ckpt")["epoch"] == 0
-
-    monkeypatch.setattr(torch, "save", real_save)
-    result = _invoke(*_fit_args(project, 3, "--resume"))
+    result = _invoke(*_fit_args(env / "proj", 3, "--resume"))
     assert result.exit_code == 0, result.output
     assert load_checkpoint(ckpts / "latest.ckpt")["epoch"] == 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="fit.loop.CheckpointWriter.write deletes the checkpoints that drop out of the "
+    "best-N ranking before it writes the new ones: Ctrl-C in between loses best-val",
+)
+def test_interrupted_checkpoint_write_keeps_the_best_checkpoint(env, monkeypatch):
+    ckpts = _interrupt_second_checkpoint_write(env, monkeypatch)
+    ranked = load_checkpoint(ckpts / "latest.ckpt")["best_checkpoints"]["val_loss"]
+    assert ranked and all((ckpts / name).exists() for _, name in ranked)
 
 
 # ----------------------------------------------------------------------------- reconstruct
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="pipeline.reconstruction.reconstruct calls check_writable, which creates the output "
+    "folder, before _tilt_metadata checks the angle count: an empty output folder is left",
+)
 def test_reconstruct_rejects_wrong_number_of_tilt_angles(tmp_path):
     stack, angles = _reconstruct_inputs(tmp_path, n_tilts=9, n_angles=8)
     args = (
@@ -603,4 +663,7 @@ def test_mw_angle_out_of_range_on_the_command_line(tmp_path):
 )
 def test_run_validates_every_section_before_writing(tmp_path):
     path = _config(tmp_path, fit_model={"batch_size": "five"})
-    _fails(tmp_path, ("run", "--config", path), f"error: {path}: ", "batch_size")
+    result = _invoke("run", "--config", path)
+    assert not (tmp_path / "proj").exists(), "prepare-data ran before fit_model was validated"
+    line = _error_line(result)
+    assert line.startswith(f"error: {path}: fit_model.batch_size: ")
