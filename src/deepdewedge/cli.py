@@ -57,7 +57,10 @@ def _friendly(func):
             typer.echo("error: out of GPU memory; lower batch_size (or subtomo_size)", err=True)
             raise typer.Exit(code=1) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted; resume fitting with --resume", err=True)
+            resumable = func.__name__ in ("fit_model_cmd", "run_cmd")
+            typer.echo(
+                "interrupted" + ("; resume fitting with --resume" if resumable else ""), err=True
+            )
             raise typer.Exit(code=130) from None
 
     return wrapper
@@ -355,7 +358,20 @@ def run_cmd(
     and used as tomo0 and tomo1 by the other steps.
     """
     halves: dict[str, Any] = {}
-    if read_config_file(config)["reconstruct"]:
+    has_tilt_series = bool(read_config_file(config)["reconstruct"])
+    # Validate every section before any step writes anything.
+    stand_in = {"tomo0_files": [Path("tomo0.mrc")], "tomo1_files": [Path("tomo1.mrc")]}
+    for step in ("reconstruct",) * has_tilt_series + ("prepare_data", "fit_model"):
+        step_config(step, config_file=config, overrides=stand_in if has_tilt_series else {})
+    step_config(
+        "refine_tomogram",
+        config_file=config,
+        overrides={
+            **(stand_in if has_tilt_series else {}),
+            "model_checkpoint_file": Path("latest.ckpt"),
+        },
+    )
+    if has_tilt_series:
         written = _run_reconstruct(config, {"overwrite": overwrite or None})
         halves = {"tomo0_files": [written["tomo0"]], "tomo1_files": [written["tomo1"]]}
     _run_prepare(config, {**halves, "overwrite": overwrite or None})

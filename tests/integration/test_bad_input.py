@@ -220,19 +220,9 @@ def test_prepare_data_rejects_bad_tomogram(tmp_path, kind, expected, half):
     _fails(tmp_path, _prepare_args(tmp_path / "proj", *pair), f"error: {bad}: ", *expected)
 
 
-REFINE_NAN_LEAVES_FOLDER = pytest.mark.xfail(
-    strict=True,
-    reason="pipeline.refining.refine_tomogram checks for NaN (mean_std) only after "
-    "check_writable has created the output folder: an empty refined_tomograms/ is left",
-)
-
-
 @pytest.mark.parametrize(
     ("kind", "expected"),
-    [
-        pytest.param(k, e, id=k, marks=[REFINE_NAN_LEAVES_FOLDER] if k == "nan" else [])
-        for k, e in BAD_VOLUMES
-    ],
+    [pytest.param(k, e, id=k) for k, e in BAD_VOLUMES],
 )
 def test_refine_tomogram_rejects_bad_tomogram(env, kind, expected):
     """Refinement memory-maps its input: the checks must hold without reading it all."""
@@ -525,11 +515,6 @@ def test_fit_interrupted_while_writing_a_checkpoint(env, monkeypatch):
     assert load_checkpoint(ckpts / "latest.ckpt")["epoch"] == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fit.loop.CheckpointWriter.write deletes the checkpoints that drop out of the "
-    "best-N ranking before it writes the new ones: Ctrl-C in between loses best-val",
-)
 def test_interrupted_checkpoint_write_keeps_the_best_checkpoint(env, monkeypatch):
     ckpts = _interrupt_second_checkpoint_write(env, monkeypatch)
     ranked = load_checkpoint(ckpts / "latest.ckpt")["best_checkpoints"]["val_loss"]
@@ -539,11 +524,6 @@ def test_interrupted_checkpoint_write_keeps_the_best_checkpoint(env, monkeypatch
 # ----------------------------------------------------------------------------- reconstruct
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline.reconstruction.reconstruct calls check_writable, which creates the output "
-    "folder, before _tilt_metadata checks the angle count: an empty output folder is left",
-)
 def test_reconstruct_rejects_wrong_number_of_tilt_angles(tmp_path):
     stack, angles = _reconstruct_inputs(tmp_path, n_tilts=9, n_angles=8)
     args = (
@@ -656,11 +636,6 @@ def test_mw_angle_out_of_range_on_the_command_line(tmp_path):
     _fails(tmp_path, args, "error: command line: --mw-angle: ", "less than 180")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.run_cmd validates each step's config only when it reaches that step: "
-    "prepare-data has already written the sub-tomograms when fit_model turns out invalid",
-)
 def test_run_validates_every_section_before_writing(tmp_path):
     path = _config(tmp_path, fit_model={"batch_size": "five"})
     result = _invoke("run", "--config", path)

@@ -184,7 +184,7 @@ class CheckpointWriter:
         """Write the checkpoints due after the epoch of `record`; drop those no longer kept."""
         state = {**self.extra, **state}
         epoch = record["epoch"]
-        names = ["latest.ckpt"]
+        names, dropped = ["latest.ckpt"], []
         if self.save_every and (epoch + 1) % self.save_every == 0:
             names.append(f"epoch={epoch:05d}.ckpt")
         for metric, prefix in self.RANKINGS.items():
@@ -195,12 +195,13 @@ class CheckpointWriter:
             ranked = sorted([*self.best[metric], (value, name)], key=lambda item: item[0])
             if name in [n for _, n in ranked[:keep]]:
                 names.append(name)
-            for _, old in ranked[keep:]:
-                (self.dir / old).unlink(missing_ok=True)
+            dropped += [old for _, old in ranked[keep:]]
             self.best[metric] = ranked[:keep]
         state["best_checkpoints"] = self.best
         for name in names:
             save_checkpoint(self.dir / name, state)
+        for old in dropped:  # only once their successors are on disk
+            (self.dir / old).unlink(missing_ok=True)
         for bank in self.dir.glob("input_bank_e*.pt"):
             if bank.name != state["bank_file"]:
                 bank.unlink(missing_ok=True)
@@ -383,5 +384,5 @@ def _check_compatible(state: dict[str, Any], model: DeWedgeModel, path: Path) ->
     if own.keys() != theirs.keys() or any(own[k].shape != theirs[k].shape for k in own):
         raise InputError(
             f"{path}: checkpoint holds a different network architecture; use the same "
-            "unet_params_dict as the run that wrote it, or start without --resume"
+            "unet_params_dict as the run that wrote it, or fit anew with --overwrite"
         )

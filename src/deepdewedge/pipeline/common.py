@@ -107,11 +107,22 @@ def write_record(
 
 
 def check_writable(directory: Path, *, needed_bytes: int = 0) -> None:
-    """Fail before the work, not after it, if `directory` cannot take the outputs."""
+    """Fail before the work, not after it, if `directory` cannot take the outputs.
+
+    Nothing is created: the nearest existing folder on the way is probed instead, so a step
+    that fails later leaves no empty output folder behind.
+    """
     directory = Path(directory)
+    base = directory
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise InputError(
+            f"{directory}: cannot create this output folder, {base} is a file; choose another "
+            "output folder or move that file"
+        )
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=directory)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=base)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
@@ -119,7 +130,7 @@ def check_writable(directory: Path, *, needed_bytes: int = 0) -> None:
             f"{directory}: cannot write there ({err.strerror}); choose another output folder "
             "or fix its permissions"
         ) from None
-    free = shutil.disk_usage(directory).free
+    free = shutil.disk_usage(base).free
     if free < needed_bytes:
         raise InputError(
             f"{directory}: {free / 1e9:.1f} GB free but about {needed_bytes / 1e9:.1f} GB are "

@@ -71,8 +71,11 @@ def refine_tomogram(
         shapes = set()
         for f in files:
             tomo, voxel_size = read_volume(f, mmap=True)
+            mean, std = mean_std(tomo)
+            if not np.isfinite(std):
+                raise InputError(f"{f}: contains NaN or Inf voxels; fix them before refining")
             shapes.add(tomo.shape)
-            volumes[f] = (tomo, voxel_size)
+            volumes[f] = (tomo, voxel_size, mean, std)
         if len(shapes) > 1:
             raise InputError(
                 f"{files[1]}: shape {volumes[files[1]][0].shape} differs from {files[0]} "
@@ -90,10 +93,7 @@ def refine_tomogram(
         started = time.perf_counter()
         refined = []
         for f in files:
-            tomo, voxel_size = volumes[f]
-            mean, std = mean_std(tomo)
-            if not np.isfinite(std):
-                raise InputError(f"{f}: contains NaN or Inf voxels; fix them before refining")
+            tomo, voxel_size, mean, std = volumes[f]
             if config.recompute_normalization:
                 model.set_normalization(mean, std if std > 0 else 1.0)
             refined.append(
