@@ -360,16 +360,17 @@ def run_cmd(
     halves: dict[str, Any] = {}
     has_tilt_series = bool(read_config_file(config)["reconstruct"])
     # Validate every section before any step writes anything.
-    stand_in = {"tomo0_files": [Path("tomo0.mrc")], "tomo1_files": [Path("tomo1.mrc")]}
-    for step in ("reconstruct",) * has_tilt_series + ("prepare_data", "fit_model"):
-        step_config(step, config_file=config, overrides=stand_in if has_tilt_series else {})
+    # Halves still to be reconstructed get stand-in names while validating.
+    stand_in: dict[str, Any] = {}
+    if has_tilt_series:
+        step_config("reconstruct", config_file=config)
+        stand_in = {"tomo0_files": [Path("tomo0.mrc")], "tomo1_files": [Path("tomo1.mrc")]}
+    step_config("prepare_data", config_file=config, overrides=stand_in)
+    step_config("fit_model", config_file=config)
     step_config(
         "refine_tomogram",
         config_file=config,
-        overrides={
-            **(stand_in if has_tilt_series else {}),
-            "model_checkpoint_file": Path("latest.ckpt"),
-        },
+        overrides={**stand_in, "model_checkpoint_file": Path("latest.ckpt")},
     )
     if has_tilt_series:
         written = _run_reconstruct(config, {"overwrite": overwrite or None})
