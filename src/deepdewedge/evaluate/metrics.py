@@ -12,7 +12,10 @@ def _as_float64(array: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         tensor = array.detach()
     elif isinstance(array, np.ndarray):
-        tensor = torch.from_numpy(np.asarray(array))
+        # A float64 copy: read-only inputs (memory-mapped MRC files) stay untouched.
+        tensor = torch.from_numpy(
+            np.array(array, dtype=np.complex128 if np.iscomplexobj(array) else np.float64)
+        )
     else:
         raise ValueError(f"{name} must be a numpy array or a torch tensor, got {type(array)}")
     if tensor.is_complex():
