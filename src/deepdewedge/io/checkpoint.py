@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from deepdewedge.io.mrc import InputError, output_folder
+from deepdewedge.io.atomic import atomic_write
+from deepdewedge.io.errors import InputError
 
 FORMAT = "deepdewedge-checkpoint-v1"
 
@@ -25,28 +25,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
         When the folder cannot be created or written (full disk, permissions): one line
         naming the file; `path` is then left as it was.
     """
-    path = Path(path)
-    output_folder(path.parent)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise InputError(
-            f"{path.parent}: cannot write checkpoints here ({err.strerror}); choose a "
-            "writable project_dir"
-        ) from None
-    os.close(fd)
-    try:
+    with atomic_write(
+        path, fix="free disk space, then continue with `ddw fit-model --resume`"
+    ) as tmp:
         torch.save({"format": FORMAT, **state}, tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise InputError(
-            f"{path}: cannot write the checkpoint ({err.strerror}); free disk space, then "
-            "continue with `ddw fit-model --resume`"
-        ) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

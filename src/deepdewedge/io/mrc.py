@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import mrcfile
 import numpy as np
 
+from deepdewedge.io.atomic import atomic_write
+from deepdewedge.io.errors import InputError
 
-class InputError(ValueError):
-    """Bad user input: the message is one line naming the file and the fix."""
+__all__ = ["InputError", "read_volume", "write_volume"]
 
 
 def read_volume(path: str | os.PathLike, *, mmap: bool = False) -> tuple[np.ndarray, float]:
@@ -102,38 +102,6 @@ def _unreadable(path: Path, size: int, err: BaseException) -> str:
     return f"{path}: not a readable MRC file ({reason}); re-export it as MRC (mode 2, float32)"
 
 
-def output_folder(folder: str | os.PathLike) -> Path:
-    """Create `folder` (and its parents) for output, or raise a one-line `InputError` why not.
-
-    Parameters
-    ----------
-    folder
-        Folder that results will be written into.
-
-    Returns
-    -------
-    Path
-        The folder, which now exists.
-    """
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        blocker = next(
-            (p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None
-        )
-        if blocker is not None:
-            raise InputError(
-                f"{folder}: cannot create this output folder, {blocker} is a file; choose "
-                "another output folder or move that file"
-            ) from None
-        raise InputError(
-            f"{folder}: cannot create this output folder ({err.strerror}); choose a "
-            "writable output folder"
-        ) from None
-    return folder
-
-
 def write_volume(path: str | os.PathLike, volume: np.ndarray, *, voxel_size: float = 1.0) -> Path:
     """Write a `(z, y, x)` volume as float32 MRC, atomically (temporary file then rename).
 
@@ -152,27 +120,7 @@ def write_volume(path: str | os.PathLike, volume: np.ndarray, *, voxel_size: flo
         The written path.
     """
     path = Path(path)
-    output_folder(path.parent)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise InputError(
-            f"{path.parent}: cannot write in this folder ({err.strerror}); choose a writable "
-            "output folder"
-        ) from None
-    os.close(fd)
-    try:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(np.ascontiguousarray(volume, dtype=np.float32))
-            mrc.voxel_size = voxel_size
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise InputError(
-            f"{path}: cannot write the volume ({err.strerror}); free disk space or choose "
-            "another output folder"
-        ) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
+        mrc.set_data(np.ascontiguousarray(volume, dtype=np.float32))
+        mrc.voxel_size = voxel_size
     return path

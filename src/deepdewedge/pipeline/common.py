@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from deepdewedge import __version__
-from deepdewedge.io.mrc import InputError
+from deepdewedge.io.atomic import atomic_write
+from deepdewedge.io.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +51,15 @@ def resolve_device(gpu: int | list[int] | None) -> torch.device:
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    """Write an ``.npy`` file atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """Write an ``.npy`` file atomically."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write a JSON record atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
+    with atomic_write(path) as tmp, open(tmp, "w") as handle:
         json.dump(payload, handle, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def mean_std(volume: np.ndarray, chunk: int = 16) -> tuple[float, float]:
@@ -140,11 +132,6 @@ def check_writable(directory: Path, *, needed_bytes: int = 0) -> None:
 
 def save_figure(figure: Any, path: Path, *, dpi: int = 100) -> Path:
     """Save a matplotlib figure atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         figure.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path

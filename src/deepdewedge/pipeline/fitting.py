@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from deepdewedge.config import (
 )
 from deepdewedge.evaluate.figures import loss_curve_figure
 from deepdewedge.fit.loop import Callbacks, FitSettings, fit
+from deepdewedge.io.atomic import atomic_write
 from deepdewedge.io.checkpoint import load_checkpoint
 from deepdewedge.io.mrc import InputError
 from deepdewedge.model.unet import DeWedgeModel
@@ -156,12 +155,10 @@ def _tensorboard(logs: Path) -> Any:
 
 def write_loss_csv(path: Path, history: list[dict[str, Any]]) -> None:
     """One row per epoch: epoch, fitting_loss, val_loss (empty when not computed)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as handle:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["epoch", "fitting_loss", "val_loss"])
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
 
 
 def best_checkpoint(ckpt_dir: Path) -> Path:

@@ -1,0 +1,71 @@
+"""Atomic writes: a temporary file beside the target, renamed over it when complete."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from deepdewedge.io.errors import InputError
+
+
+def output_folder(folder: str | os.PathLike) -> Path:
+    """Create `folder` (and its parents) for output, or raise a one-line `InputError` why not.
+
+    Parameters
+    ----------
+    folder
+        Folder that results will be written into.
+
+    Returns
+    -------
+    Path
+        The folder, which now exists.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next(
+            (p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None
+        )
+        if blocker is not None:
+            raise InputError(
+                f"{folder}: cannot create this output folder, {blocker} is a file; choose "
+                "another output folder or move that file"
+            ) from None
+        raise InputError(
+            f"{folder}: cannot create this output folder ({err.strerror}); choose a "
+            "writable output folder"
+        ) from None
+    return folder
+
+
+@contextmanager
+def atomic_write(
+    path: str | os.PathLike, *, fix: str = "free disk space or choose another output folder"
+) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it to `path` when the block succeeds.
+
+    A reader never sees a half-written file, and an interrupted write leaves the old file in
+    place. Folders are created as needed; an `OSError` (full disk, permissions) becomes a
+    one-line `InputError` naming the file and ending with `fix`.
+    """
+    path = Path(path)
+    output_folder(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise InputError(
+            f"{path.parent}: cannot write in this folder ({err.strerror}); {fix}"
+        ) from None
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise InputError(f"{path}: cannot write it ({err.strerror}); {fix}") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
