@@ -137,6 +137,8 @@ def _run_fit(config_file: Path | None, overrides: dict[str, Any]) -> Path:
         for bar in bars:
             bar.close()
     last = result["history"][-1] if result["history"] else None
+    if not result["is_main_process"]:  # under torchrun, rank 0 reports
+        return result["best_checkpoint"]
     if last is not None:
         typer.echo(f"fitting loss {last['fitting_loss']:.5g} after epoch {last['epoch']}")
     typer.echo(
@@ -395,6 +397,56 @@ def demo_cmd(
     from deepdewedge.demo import run_demo
 
     run_demo(output_dir, seed=seed, num_epochs=num_epochs, echo=typer.echo)
+
+
+@app.command("evaluate")
+@_friendly
+def evaluate_cmd(
+    volume: Annotated[
+        list[Path], typer.Option(help="Volume to evaluate (MRC); repeat to compare several.")
+    ],
+    ground_truth: Annotated[Path, typer.Option(help="Ground-truth volume (MRC), same shape.")],
+    mw_angle: Annotated[float, typer.Option(help="Full opening angle of the missing wedge (°).")],
+    voxel_size_angstrom: Annotated[
+        float | None, typer.Option(help="Voxel size in Å; default: from the MRC headers.")
+    ] = None,
+    particles: Annotated[
+        Path | None,
+        typer.Option(help="Particle list: CSV with z_px,y_px,x_px[,box_px] or 'z y x' lines."),
+    ] = None,
+    box_size: Annotated[
+        int | None, typer.Option(help="Particle box edge in voxels; default: box_px column.")
+    ] = None,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write metrics and FSC curves (JSON).")
+    ] = None,
+    csv_file: Annotated[
+        Path | None, typer.Option("--csv", help="Write one row of metrics per volume (CSV).")
+    ] = None,
+    figure: Annotated[Path | None, typer.Option(help="Write the FSC curves (PNG).")] = None,
+    label: Annotated[
+        list[str] | None, typer.Option(help="Name of each --volume, in order; default: file name.")
+    ] = None,
+) -> None:
+    """Compare volumes with a ground truth: CC (all, outside, inside the wedge) and FSC."""
+    from deepdewedge.pipeline.evaluation import evaluate, metrics_table
+
+    rows = evaluate(
+        volume,
+        ground_truth,
+        mw_angle_deg=mw_angle,
+        voxel_size_angstrom=voxel_size_angstrom,
+        particles=particles,
+        box_size_px=box_size,
+        labels=label,
+        json_path=json_file,
+        csv_path=csv_file,
+        figure_path=figure,
+    )
+    typer.echo(metrics_table(rows))
+    for path in (json_file, csv_file, figure):
+        if path is not None:
+            typer.echo(f"wrote {path}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

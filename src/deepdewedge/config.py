@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from deepdewedge.io.mrc import InputError
 
 SECTIONS = ("shared", "reconstruct", "make_mask", "prepare_data", "fit_model", "refine_tomogram")
+# Process-group backends a multi-process fit can use.
+DISTRIBUTED_BACKENDS = ("nccl", "gloo")
 
 
 class _Step(BaseModel):
@@ -119,17 +121,35 @@ class FitModelConfig(_Step):
     save_model_every_n_epochs: int | None = Field(50, ge=1)
     save_n_models_with_lowest_val_loss: int = Field(1, ge=0)
     save_n_models_with_lowest_fitting_loss: int = Field(0, ge=0)
-    # Accepted for published configs: losses always go to {logdir}/losses.csv, and one
-    # process fits on the first listed GPU.
+    # Accepted for published configs: losses always go to {logdir}/losses.csv.
     logger: Literal["csv", "tensorboard"] = "csv"
+    # Process-group backend of a fit launched by torchrun: nccl or gloo; None, or a published
+    # strategy name such as ddp, picks nccl on GPUs and gloo on the CPU.
     distributed_backend: str | None = None
     rotate: bool = True
     wedge_mask: bool = True
     interpolation: Literal["cubic", "linear"] = "cubic"
     precision: Literal["32", "bf16-mixed"] = "32"
+    # GPU speed-ups: the U-Net in the channels-last 3D memory layout, and torch.compile
+    # (which falls back to the uncompiled network, with a warning, if compiling fails).
+    channels_last: bool = False
+    compile: bool = False
     resume: bool = False
     resume_from_checkpoint: Path | None = None
     overwrite: bool = False
+
+    @field_validator("distributed_backend")
+    @classmethod
+    def _backend(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        name = v.lower()
+        if name in DISTRIBUTED_BACKENDS or name in ("auto", "dp") or name.startswith("ddp"):
+            return name
+        raise ValueError(
+            f"unknown distributed_backend {v!r}; use nccl (GPUs) or gloo (CPU), or leave it "
+            "out to choose by device"
+        )
 
     @model_validator(mode="after")
     def _divisible(self) -> FitModelConfig:
@@ -155,6 +175,19 @@ class RefineTomogramConfig(_Step):
     overwrite: bool = False
     output_dir: Path | None = None
     precision: Literal["32", "bf16-mixed"] = "32"
+
+    @field_validator("gpu")
+    @classmethod
+    def _distinct_gpus(cls, v: int | list[int] | None) -> int | list[int] | None:
+        # Several GPUs share the tiles; each must be a real, distinct GPU.
+        if isinstance(v, list) and len(v) > 1:
+            if min(v) < 0:
+                raise ValueError(
+                    "mixes the CPU (-1) with GPUs; list GPU indices only, or -1 alone for the CPU"
+                )
+            if len(set(v)) < len(v):
+                raise ValueError("names a GPU more than once; list each GPU once")
+        return v
 
     @model_validator(mode="after")
     def _inputs(self) -> RefineTomogramConfig:

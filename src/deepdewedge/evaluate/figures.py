@@ -9,7 +9,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["orthoslice_figure", "loss_curve_figure", "mask_overlay_figure"]
+__all__ = ["orthoslice_figure", "loss_curve_figure", "mask_overlay_figure", "fsc_curve_figure"]
 
 _COLUMN_TITLES = ("xy (z = d//2)", "xz (y = h//2)", "yz (x = w//2)", "log |FFT|² xz (ky = 0)")
 
@@ -205,3 +205,69 @@ def mask_overlay_figure(
         ax.set_yticks([])
         ax.set_title(f"{title}, {region.mean():.0%} in mask", fontsize=8)
     return fig
+
+
+def fsc_curve_figure(
+    panels: Mapping[str, Mapping[str, tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]]],
+    *,
+    thresholds: Sequence[float] = (0.143, 0.5),
+) -> Figure:
+    """Fourier shell correlation curves, one panel per kind of FSC, one line per volume.
+
+    Parameters
+    ----------
+    panels : mapping of str to mapping of str to (array-like, array-like)
+        Panel title (e.g. ``"tomogram"``, ``"particles, inside the missing wedge"``) to a mapping
+        of line label (e.g. ``"FBP"``, ``"DeepDeWedge"``) to ``(frequencies, fsc)``: shell
+        frequencies in 1/Å and FSC values, both of shape `(n_shells,)`. NaN values are skipped.
+    thresholds : sequence of float
+        FSC thresholds drawn as dashed horizontal lines.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        A figure with one axes per panel, side by side, sharing the FSC axis, with the x axis
+        in spatial frequency (1/Å); attached to an Agg canvas, not shown or saved.
+    """
+    if not isinstance(panels, Mapping) or len(panels) == 0:
+        raise ValueError("panels must be a non-empty mapping of titles to curves")
+    data: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for title, lines in panels.items():
+        if not isinstance(lines, Mapping) or len(lines) == 0:
+            raise ValueError(f"panel {title!r} must be a non-empty mapping of labels to curves")
+        data[str(title)] = {}
+        for label, (frequencies, values) in lines.items():
+            x = _to_1d(frequencies, f"frequencies of {label!r}")
+            y = _to_1d(values, f"FSC of {label!r}")
+            if x.shape != y.shape:
+                raise ValueError(
+                    f"curve {label!r} in panel {title!r} has {x.size} frequencies but "
+                    f"{y.size} FSC values"
+                )
+            data[str(title)][str(label)] = (x, y)
+
+    fig = Figure(figsize=(4.0 * len(data) + 0.5, 3.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(data), squeeze=False, sharey=True)[0]
+    for ax, (title, lines) in zip(axes, data.items(), strict=True):
+        for threshold in thresholds:
+            ax.axhline(float(threshold), color="grey", linestyle="--", linewidth=0.8)
+        for label, (x, y) in lines.items():
+            finite = np.isfinite(y)
+            ax.plot(x[finite], y[finite], label=label)
+        ax.axhline(0.0, color="black", linewidth=0.5)
+        ax.set_ylim(-0.1, 1.05)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("spatial frequency (1/Å)")
+    axes[0].set_ylabel("FSC")
+    axes[0].legend(fontsize=8)
+    return fig
+
+
+def _to_1d(values: np.ndarray | torch.Tensor | Sequence[float], name: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().to("cpu", torch.float64).numpy()
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
+    return array

@@ -45,6 +45,7 @@ def make_batch(
     rotate: bool,
     generator: torch.Generator | None,
     interpolation: str = "cubic",
+    rotmats: torch.Tensor | None = None,
 ) -> Batch:
     """Rotate, crop and mask a batch of paired crops, all on their device.
 
@@ -64,10 +65,16 @@ def make_batch(
         CPU generator for the rotations (reproducible across devices).
     interpolation
         ``"cubic"`` (B-spline) or ``"linear"`` rotation.
+    rotmats
+        `(b, 3, 3)` rotations to apply instead of drawing them from `generator`, e.g. this
+        process's share of rotations drawn for a whole batch split across processes.
     """
     pairs = torch.stack([crops0, crops1], dim=1)
     if rotate:
-        rotmats = sample_rotations(len(pairs), generator=generator, device=pairs.device)
+        if rotmats is None:
+            rotmats = sample_rotations(len(pairs), generator=generator, device=pairs.device)
+        elif len(rotmats) != len(pairs):
+            raise ValueError(f"got {len(rotmats)} rotations for {len(pairs)} pairs")
         pairs = rotate_and_crop(pairs, rotmats, subtomo_size, interpolation=interpolation)
     else:
         pairs = centre_crop(pairs, subtomo_size)

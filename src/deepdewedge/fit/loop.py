@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -10,19 +11,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from deepdewedge.fit.batch import make_batch
+from deepdewedge.fit.distributed import DistContext
 from deepdewedge.fit.loss import loss_weights, masked_fourier_loss
 from deepdewedge.fit.wedge_update import fill_missing_wedges
 from deepdewedge.fourier import missing_wedge_mask
 from deepdewedge.io.checkpoint import load_checkpoint, save_checkpoint
 from deepdewedge.io.mrc import InputError
 from deepdewedge.model.unet import DeWedgeModel
+from deepdewedge.rotation import sample_rotations
 
 log = logging.getLogger(__name__)
 
 VAL_SEED_OFFSET = 7919
 STATS_SEED_OFFSET = 104729
+# On a GPU the host reads the running loss (progress, finiteness) only every this many steps,
+# so that it seldom waits for the GPU inside an epoch.
+GPU_SYNC_EVERY_N_STEPS = 16
 
 
 @dataclass
@@ -44,6 +52,11 @@ class FitSettings:
     keep_best_val: int = 1
     keep_best_fit: int = 0
     precision: str = "32"
+    channels_last: bool = False
+    compile: bool = False
+    # Steps between reads of the running loss by the host; None: every step on the CPU,
+    # GPU_SYNC_EVERY_N_STEPS on a GPU.
+    sync_every_n_steps: int | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
@@ -59,38 +72,75 @@ class Banks:
 
 @dataclass
 class Callbacks:
-    """Hooks for progress display; the loop itself never prints."""
+    """Hooks for progress display; the loop itself never prints.
+
+    ``on_step(epoch, step, steps, running_loss)`` follows every step; on a GPU the running
+    mean loss it gets is refreshed every ``GPU_SYNC_EVERY_N_STEPS`` steps. With several
+    processes only rank 0 calls the hooks.
+    """
 
     on_step: Callable[[int, int, int, float], None] | None = None
     on_epoch: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None
 
 
 def _autocast(settings: FitSettings):
+    """bf16 autocast of the network under ``bf16-mixed``; the FFT loss stays in float32."""
     if settings.precision == "bf16-mixed":
         return torch.autocast(settings.device.type, dtype=torch.bfloat16)
     return torch.autocast(settings.device.type, enabled=False)
 
 
+def _rows(bank: torch.Tensor, index: torch.Tensor | slice, device: torch.device) -> torch.Tensor:
+    """`(k, S, S, S)` rows of a bank on `device`.
+
+    A bank resident on `device` is indexed in place (`index` on that device). From host
+    memory, the rows are gathered into page-locked memory and copied without waiting, so the
+    copy overlaps the GPU's work.
+    """
+    rows = bank[index]
+    if rows.device == device:
+        return rows
+    if device.type == "cuda":
+        rows = rows.pin_memory()
+    return rows.to(device, non_blocking=True)
+
+
+def _rotations(n: int, generator: torch.Generator, settings: FitSettings) -> torch.Tensor | None:
+    """`(n, 3, 3)` rotations of a whole batch on the device, or None without rotation.
+
+    Every process draws the rotations of the whole batch, so that all random streams stay
+    the same as in a single process; each then takes its share.
+    """
+    if not settings.rotate:
+        return None
+    return sample_rotations(n, generator=generator, device=settings.device)
+
+
 def _loss_of_batch(
-    model: DeWedgeModel,
+    forward: Callable[[torch.Tensor], torch.Tensor],
     crops0: torch.Tensor,
     crops1: torch.Tensor,
+    rotmats: torch.Tensor | None,
     settings: FitSettings,
     mw_mask: torch.Tensor | None,
-    generator: torch.Generator,
 ) -> torch.Tensor:
+    """Mean loss over `(b, S, S, S)` crop pairs on the device, under the given rotations."""
     batch = make_batch(
-        crops0.to(settings.device, non_blocking=True),
-        crops1.to(settings.device, non_blocking=True),
+        crops0,
+        crops1,
         subtomo_size=settings.subtomo_size,
         mw_mask=mw_mask,
         mw_angle_deg=settings.mw_angle,
         rotate=settings.rotate,
-        generator=generator,
+        generator=None,
         interpolation=settings.interpolation,
+        rotmats=rotmats,
     )
+    model_input = batch.model_input
+    if settings.channels_last:
+        model_input = model_input.contiguous(memory_format=torch.channels_last_3d)
     with _autocast(settings):
-        output = model(batch.model_input)
+        output = forward(model_input)
     weights = None
     if batch.rot_mw_mask is not None:
         weights = loss_weights(mw_mask, batch.rot_mw_mask)
@@ -99,55 +149,178 @@ def _loss_of_batch(
 
 @torch.no_grad()
 def validation_loss(
-    model: DeWedgeModel, banks: Banks, settings: FitSettings, mw_mask: torch.Tensor | None
+    model: DeWedgeModel,
+    banks: Banks,
+    settings: FitSettings,
+    mw_mask: torch.Tensor | None,
+    dist: DistContext | None = None,
 ) -> float:
-    """Mean loss over the validation bank, rotations fixed by the seed across epochs."""
+    """Mean loss over the validation bank, rotations fixed by the seed across epochs.
+
+    With several processes each one evaluates its share of every batch; the sum is
+    all-reduced, so every process returns the same value.
+    """
     assert banks.val0 is not None and banks.val1 is not None
+    dist = dist or DistContext()
     generator = torch.Generator().manual_seed(settings.seed + VAL_SEED_OFFSET)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(banks.val0), settings.batch_size):
-        c0, c1 = banks.val0[i : i + settings.batch_size], banks.val1[i : i + settings.batch_size]
-        total += float(_loss_of_batch(model, c0, c1, settings, mw_mask, generator)) * len(c0)
-        count += len(c0)
+    total = torch.zeros((), dtype=torch.float64, device=settings.device)
+    n_val = len(banks.val0)
+    for i in range(0, n_val, settings.batch_size):
+        n = min(settings.batch_size, n_val - i)
+        rotmats = _rotations(n, generator, settings)
+        lo, hi = dist.shard_bounds(n)
+        if hi == lo:
+            continue
+        rows = slice(i + lo, i + hi)
+        loss = _loss_of_batch(
+            model,
+            _rows(banks.val0, rows, settings.device),
+            _rows(banks.val1, rows, settings.device),
+            None if rotmats is None else rotmats[lo:hi],
+            settings,
+            mw_mask,
+        )
+        total += loss.double() * (hi - lo)
     model.train(was_training)
-    return total / count
+    return float(dist.all_reduce_sum(total)) / n_val
 
 
 @torch.no_grad()
 def model_input_statistics(
-    banks: Banks, settings: FitSettings, mw_mask: torch.Tensor | None
+    banks: Banks,
+    settings: FitSettings,
+    mw_mask: torch.Tensor | None,
+    dist: DistContext | None = None,
 ) -> tuple[float, float]:
     """Mean and standard deviation of the model inputs of one pass over the fitting bank.
 
     The inputs are built exactly as in fitting (rotation, crop, extra wedge), with their own
     seeded generator so that the fitting's random stream is untouched. Standardising with
     these statistics gives the network unit-variance inputs; refinement standardises whole
-    tomograms the same way.
+    tomograms the same way. With several processes each one builds its share of every batch
+    and the sums are all-reduced, so every process gets the same statistics.
     """
+    dist = dist or DistContext()
     generator = torch.Generator().manual_seed(settings.seed + STATS_SEED_OFFSET)
     total = torch.zeros((), dtype=torch.float64, device=settings.device)
     total_sq = torch.zeros_like(total)
     count = 0
-    for i in range(0, len(banks.fit0), settings.batch_size):
+    n_fit = len(banks.fit0)
+    for i in range(0, n_fit, settings.batch_size):
+        n = min(settings.batch_size, n_fit - i)
+        rotmats = _rotations(n, generator, settings)
+        lo, hi = dist.shard_bounds(n)
+        if hi == lo:
+            continue
+        rows = slice(i + lo, i + hi)
         batch = make_batch(
-            banks.fit0[i : i + settings.batch_size].to(settings.device),
-            banks.fit1[i : i + settings.batch_size].to(settings.device),
+            _rows(banks.fit0, rows, settings.device),
+            _rows(banks.fit1, rows, settings.device),
             subtomo_size=settings.subtomo_size,
             mw_mask=mw_mask,
             mw_angle_deg=settings.mw_angle,
             rotate=settings.rotate,
-            generator=generator,
+            generator=None,
             interpolation=settings.interpolation,
+            rotmats=None if rotmats is None else rotmats[lo:hi],
         )
         x = batch.model_input.double()
         total += x.sum()
         total_sq += x.square().sum()
         count += x.numel()
-    mean = float(total) / count
-    std = max(float(total_sq) / count - mean**2, 0.0) ** 0.5
+    sums = torch.stack([total, total_sq, torch.full_like(total, count)])
+    total, total_sq, n_values = (float(v) for v in dist.all_reduce_sum(sums))
+    mean = total / n_values
+    std = max(total_sq / n_values - mean**2, 0.0) ** 0.5
     return mean, std if std > 0 else 1.0
+
+
+def _update_input_banks(
+    model: DeWedgeModel, banks: Banks, settings: FitSettings, dist: DistContext
+) -> None:
+    """Fill the missing wedges of the model-input banks; the targets stay measured data.
+
+    Each process fills its contiguous share of a bank in memory; the shares are then gathered,
+    so every process holds the whole updated bank.
+    """
+    for name in ("fit0", "val0"):
+        crops = getattr(banks, name)
+        if crops is None:
+            continue
+        filled = fill_missing_wedges(
+            model,
+            crops[dist.shard(len(crops))],
+            mw_angle_deg=settings.mw_angle,
+            size_multiple=model.size_multiple,
+            batch_size=settings.batch_size,
+            device=settings.device,
+        )
+        setattr(banks, name, dist.all_gather_rows(filled, len(crops)))
+
+
+class _CompiledModel(nn.Module):
+    """`model` compiled with ``torch.compile``, falling back to the plain model.
+
+    Compilation happens at the first call (and again for a new batch shape); if it fails, a
+    warning names the error and fitting continues with the uncompiled model, whose result is
+    the same up to rounding. A real error of the model recurs in the uncompiled call.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        # In a plain list, so that the compiled wrapper is not registered as a second module.
+        self._compiled: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        try:
+            self._compiled.append(torch.compile(model))
+        except Exception as err:  # e.g. a Python version torch.compile does not support
+            self._give_up(err)
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether calls still go through the compiled model."""
+        return bool(self._compiled)
+
+    def _give_up(self, err: Exception) -> None:
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        log.warning(
+            "torch.compile failed (%s: %s); fitting continues with the uncompiled network",
+            type(err).__name__,
+            first_line,
+        )
+        self._compiled.clear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map `(b, 1, d, h, w)` to `(b, 1, d, h, w)` as the wrapped model does."""
+        if self._compiled:
+            try:
+                return self._compiled[0](x)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:  # compiler failures
+                self._give_up(err)
+        return self.model(x)
+
+
+def _training_module(model: DeWedgeModel, settings: FitSettings, dist: DistContext) -> nn.Module:
+    """The network as the fitting steps call it: compiled and DDP-wrapped as configured."""
+    module: nn.Module = _CompiledModel(model) if settings.compile else model
+    if dist.world_size > 1:
+        # The only buffers are the input statistics, computed identically everywhere: no
+        # need to broadcast them at every step.
+        no_buffer_sync = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else {"broadcast_buffers": False}
+        )
+        module = DistributedDataParallel(
+            module,
+            device_ids=[settings.device.index] if settings.device.type == "cuda" else None,
+            **no_buffer_sync,
+        )
+    return module
 
 
 class CheckpointWriter:
@@ -171,9 +344,14 @@ class CheckpointWriter:
         # Names relative to the checkpoint folder, so a moved project keeps its bookkeeping.
         self.best: dict[str, list[tuple[float, str]]] = {k: [] for k in self.RANKINGS}
 
+    @staticmethod
+    def bank_name(epoch: int) -> str:
+        """File name of the input-bank state after the update at `epoch`."""
+        return f"input_bank_e{epoch:05d}.pt"
+
     def save_bank(self, epoch: int, banks: Banks) -> str:
         """Store the input banks after the update at `epoch`; return the file name."""
-        name = f"input_bank_e{epoch:05d}.pt"
+        name = self.bank_name(epoch)
         save_checkpoint(
             self.dir / name,
             {"fit0": banks.fit0.cpu(), "val0": None if banks.val0 is None else banks.val0.cpu()},
@@ -221,14 +399,35 @@ def fit(
     resume_from: Path | None = None,
     extra_state: dict[str, Any] | None = None,
     callbacks: Callbacks | None = None,
+    dist: DistContext | None = None,
 ) -> list[dict[str, Any]]:
     """Fit `model` on the banks with the loss of Eq. (2) (or plain MSE in noise2noise mode).
+
+    Parameters
+    ----------
+    model
+        The network, initialised identically in every process.
+    banks
+        Fitting and validation crops; every process holds all of them.
+    settings
+        Options of the fit; ``settings.device`` is this process's device.
+    checkpoint_dir
+        Folder of the checkpoints and input-bank states (written by rank 0 only).
+    resume_from
+        Checkpoint to continue from; every process loads it.
+    extra_state
+        Entries stored with every checkpoint (provenance, bank id, network options).
+    callbacks
+        Progress hooks, called by rank 0 only.
+    dist
+        Process group of a multi-process fit (see :mod:`deepdewedge.fit.distributed`);
+        None fits in this process alone.
 
     Returns
     -------
     list of dict
         One record per epoch: ``epoch``, ``fitting_loss``, ``val_loss`` (None when not
-        computed).
+        computed); the same in every process.
 
     Notes
     -----
@@ -236,10 +435,21 @@ def fit(
     under ``torch.manual_seed(seed)``, batches are shuffled and rotations drawn from one CPU
     generator, and every checkpoint holds the generator, the global RNG, the optimiser, the
     history and the current input-bank state, so a resumed run continues with the same losses.
+
+    With several processes, ``batch_size`` is the global batch: every process draws the same
+    permutation and rotations, fits its contiguous share of each batch, and scales its mean
+    loss by ``world_size · share / batch`` so that DDP's gradient average is the gradient of
+    the global batch's mean loss. The fit then follows the single-process fit with the same
+    seed up to floating-point rounding (with ``drop_prob = 0``; dropout masks depend on the
+    process). Validation, input statistics and missing-wedge updates are split the same way
+    and all-reduced or gathered. Only rank 0 writes files.
     """
     callbacks = callbacks or Callbacks()
+    dist = dist or DistContext()
     device = settings.device
     model.to(device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), **settings.adam_params)
     generator = torch.Generator().manual_seed(settings.seed)
     mw_mask = None
@@ -248,8 +458,9 @@ def fit(
             (settings.subtomo_size,) * 3, mw_angle_deg=settings.mw_angle, device=device
         )
     writer = CheckpointWriter(checkpoint_dir, settings, extra_state or {})
-    for stale in checkpoint_dir.parent.rglob(".*.tmp"):  # left by a run killed mid-write
-        stale.unlink()
+    if dist.is_main:
+        for stale in checkpoint_dir.parent.rglob(".*.tmp"):  # left by a run killed mid-write
+            stale.unlink()
     history: list[dict[str, Any]] = []
     start_epoch = 0
     bank_file = None
@@ -275,13 +486,27 @@ def fit(
             bank = load_checkpoint(checkpoint_dir / bank_file)
             banks.fit0, banks.val0 = bank["fit0"], bank["val0"]
         writer.restore(state)
-        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+        if dist.is_main:
+            log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+    dist.barrier()  # every process has read the checkpoint before rank 0 writes the next
 
     _place_banks(banks, device)
     if resume_from is None:
-        model.set_normalization(*model_input_statistics(banks, settings, mw_mask))
+        model.set_normalization(*model_input_statistics(banks, settings, mw_mask, dist))
     n_fit = len(banks.fit0)
     steps = math.ceil(n_fit / settings.batch_size)
+    if dist.is_main and dist.world_size > 1 and settings.batch_size % dist.world_size:
+        log.warning(
+            "batch_size %d is the batch of all %d processes together and does not divide "
+            "evenly among them; some wait for others at every step",
+            settings.batch_size,
+            dist.world_size,
+        )
+    train_module = _training_module(model, settings, dist)
+    sync_every = settings.sync_every_n_steps or (
+        1 if device.type == "cpu" else GPU_SYNC_EVERY_N_STEPS
+    )
+    total = 0.0
     model.train()
     for epoch in range(start_epoch, settings.num_epochs):
         if (
@@ -290,67 +515,83 @@ def fit(
             and epoch > 0
             and epoch % settings.update_every == 0
         ):
-            for name in ("fit0", "val0"):  # the model-input banks; targets stay measured
-                crops = getattr(banks, name)
-                if crops is not None:
-                    filled = fill_missing_wedges(
-                        model,
-                        crops,
-                        mw_angle_deg=settings.mw_angle,
-                        size_multiple=model.size_multiple,
-                        batch_size=settings.batch_size,
-                        device=device,
-                    )
-                    setattr(banks, name, filled)
-            bank_file = writer.save_bank(epoch, banks)
+            _update_input_banks(model, banks, settings, dist)
+            bank_file = writer.bank_name(epoch)
+            if dist.is_main:
+                writer.save_bank(epoch, banks)
             # Filled wedges carry signal: the inputs' statistics change with the bank.
-            model.set_normalization(*model_input_statistics(banks, settings, mw_mask))
-        perm = torch.randperm(n_fit, generator=generator)
+            model.set_normalization(*model_input_statistics(banks, settings, mw_mask, dist))
+        order = torch.randperm(n_fit, generator=generator).to(banks.fit0.device)
         running = torch.zeros((), device=device)
+        shown = math.nan
         for step in range(steps):
-            idx = perm[step * settings.batch_size : (step + 1) * settings.batch_size]
+            idx = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+            rotmats = _rotations(len(idx), generator, settings)
+            lo, hi = dist.shard_bounds(len(idx))
+            # A process without a share of a short batch still runs one pair, with weight
+            # 0, so that DDP's gradient all-reduce finds every process.
+            scale = dist.world_size * (hi - lo) / len(idx)
+            part = slice(lo, hi) if hi > lo else slice(0, 1)
             loss = _loss_of_batch(
-                model, banks.fit0[idx], banks.fit1[idx], settings, mw_mask, generator
+                train_module,
+                _rows(banks.fit0, idx[part], device),
+                _rows(banks.fit1, idx[part], device),
+                None if rotmats is None else rotmats[part],
+                settings,
+                mw_mask,
             )
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"fitting loss became {float(loss)} at epoch {epoch}; lower the learning "
-                    "rate (adam_params_dict.lr) or standardize the tomograms"
-                )
+            if scale != 1.0:
+                loss = loss * scale
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             running += loss.detach()
-            if callbacks.on_step is not None:
-                callbacks.on_step(epoch, step + 1, steps, float(running) / (step + 1))
+            if step == 0 or (step + 1) % sync_every == 0 or step + 1 == steps:
+                total = float(dist.all_reduce_sum(running)) / dist.world_size
+                if not math.isfinite(total):
+                    raise FloatingPointError(
+                        f"fitting loss became {total} at epoch {epoch}; lower the learning "
+                        "rate (adam_params_dict.lr) or standardize the tomograms"
+                    )
+                shown = total / (step + 1)
+            if callbacks.on_step is not None and dist.is_main:
+                callbacks.on_step(epoch, step + 1, steps, shown)
         record: dict[str, Any] = {
             "epoch": epoch,
-            "fitting_loss": float(running) / steps,
+            "fitting_loss": total / steps,
             "val_loss": None,
         }
         if banks.val0 is not None and (epoch + 1) % settings.check_val_every == 0:
-            record["val_loss"] = validation_loss(model, banks, settings, mw_mask)
+            record["val_loss"] = validation_loss(model, banks, settings, mw_mask, dist)
         history.append(record)
-        if len(history) > 1 and record["fitting_loss"] < 1e-6 * history[0]["fitting_loss"]:
+        if (
+            dist.is_main
+            and len(history) > 1
+            and record["fitting_loss"] < 1e-6 * history[0]["fitting_loss"]
+        ):
             log.warning(
                 "fitting loss collapsed to %.3g (from %.3g): the halves may share their noise, "
                 "or the input is constant",
                 record["fitting_loss"],
                 history[0]["fitting_loss"],
             )
-        state = {
-            "model_state": model.state_dict(),
-            "optimizer_state": optimizer.state_dict(),
-            "generator_state": generator.get_state(),
-            "torch_rng_state": torch.get_rng_state(),
-            "cuda_rng_state": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "epoch": epoch,
-            "history": history,
-            "bank_file": bank_file,
-        }
-        writer.write(state, record)
-        if callbacks.on_epoch is not None:
-            callbacks.on_epoch(record, history)
+        if dist.is_main:
+            state = {
+                "model_state": model.state_dict(),
+                "optimizer_state": optimizer.state_dict(),
+                "generator_state": generator.get_state(),
+                "torch_rng_state": torch.get_rng_state(),
+                "cuda_rng_state": (
+                    torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+                ),
+                "epoch": epoch,
+                "history": history,
+                "bank_file": bank_file,
+            }
+            writer.write(state, record)
+            if callbacks.on_epoch is not None:
+                callbacks.on_epoch(record, history)
+    dist.barrier()  # rank 0 has written the last checkpoint
     model.eval()
     return history
 

@@ -38,7 +38,13 @@ def resolve_device(gpu: int | list[int] | None) -> torch.device:
     if gpu is None or gpu == []:
         return torch.device("cpu")
     if isinstance(gpu, list) and len(gpu) > 1:
-        log.warning("several GPUs given (%s); this step runs on GPU %d", gpu, gpu[0])
+        log.warning(
+            "several GPUs given (%s); this process runs on GPU %d (to fit on all of them, "
+            "launch with torchrun --nproc_per_node %d)",
+            gpu,
+            gpu[0],
+            len(gpu),
+        )
     index = gpu[0] if isinstance(gpu, list) else gpu
     if index < 0:
         return torch.device("cpu")

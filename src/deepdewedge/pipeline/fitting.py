@@ -17,6 +17,8 @@ from deepdewedge.config import (
     check_divisible,
 )
 from deepdewedge.evaluate.figures import loss_curve_figure
+from deepdewedge.fit import distributed
+from deepdewedge.fit.distributed import DistContext
 from deepdewedge.fit.loop import Callbacks, FitSettings, fit
 from deepdewedge.io.atomic import atomic_write
 from deepdewedge.io.checkpoint import load_checkpoint
@@ -46,12 +48,36 @@ def build_model(unet_params: dict[str, Any]) -> DeWedgeModel:
 def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> dict[str, Any]:
     """Step 2: fit the network on the prepared banks; write checkpoints and the loss CSV.
 
+    Started by ``torchrun`` with several processes, the fit runs data-parallel (DDP), one
+    process per GPU, with the same result as one process up to rounding::
+
+        torchrun --nproc_per_node 4 -m deepdewedge.cli fit-model --config config.yaml
+
+    and on SLURM ``srun torchrun --nnodes N --nproc_per_node 4 --rdzv_backend c10d
+    --rdzv_endpoint HEAD:29500 -m deepdewedge.cli fit-model ...`` (one ``torchrun`` per node;
+    see :mod:`deepdewedge.fit.distributed`). ``batch_size`` is then the batch of all processes
+    together; only rank 0 writes files and reports progress.
+
     Returns
     -------
     dict
-        ``history`` (one record per epoch), ``checkpoint`` (the latest) and
-        ``best_checkpoint`` (lowest validation loss, or the latest without validation).
+        ``history`` (one record per epoch), ``checkpoint`` (the latest),
+        ``best_checkpoint`` (lowest validation loss, or the latest without validation) and
+        ``is_main_process`` (False in the processes other than rank 0 of a multi-process fit).
     """
+    if not distributed.launched():
+        return _fit_model(config, resolve_device(config.gpu), DistContext(), callbacks)
+    device = distributed.local_device(config.gpu)
+    with distributed.process_group(device, backend=config.distributed_backend) as dist:
+        return _fit_model(config, device, dist, callbacks)
+
+
+def _fit_model(
+    config: FitModelConfig,
+    device: torch.device,
+    dist: DistContext,
+    callbacks: Callbacks | None,
+) -> dict[str, Any]:
     banks, meta = load_banks(subtomo_dir(config), subtomo_size=config.subtomo_size)
     subtomo_size = int(meta["subtomo_size"])
     unet_params = config.unet_params_dict.model_dump(exclude={"in_chans", "out_chans"})
@@ -70,7 +96,6 @@ def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> 
             f"{latest}: a fit already exists; pass --resume to continue it or --overwrite "
             "to start again and discard its checkpoints"
         )
-    device = resolve_device(config.gpu)
     torch.manual_seed(config.seed)
     model = build_model(unet_params)
     adam = config.adam_params_dict.model_dump()
@@ -91,6 +116,8 @@ def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> 
         keep_best_val=config.save_n_models_with_lowest_val_loss,
         keep_best_fit=config.save_n_models_with_lowest_fitting_loss,
         precision=config.precision,
+        channels_last=config.channels_last,
+        compile=config.compile,
         device=device,
     )
     extra = {
@@ -101,13 +128,15 @@ def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> 
         "mw_angle": config.mw_angle,
     }
     check_writable(logs, needed_bytes=2 * banks.fit0.numel() * 4)
-    if resume_from is None and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # --overwrite, checked above; only now that all is valid
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        if resume_from is None and ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)  # --overwrite, checked above; only now that all is valid
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
     callbacks = callbacks or Callbacks()
     on_epoch = callbacks.on_epoch
 
-    board = _tensorboard(logs) if config.logger == "tensorboard" else None
+    board = _tensorboard(logs) if config.logger == "tensorboard" and dist.is_main else None
 
     def write_losses(record: dict[str, Any], history: list[dict[str, Any]]) -> None:
         write_loss_csv(logs / "losses.csv", history)  # atomic: a kill leaves the old file
@@ -128,16 +157,29 @@ def fit_model(config: FitModelConfig, *, callbacks: Callbacks | None = None) -> 
         if on_epoch is not None:
             on_epoch(record, history)
 
-    history = fit(
-        model,
-        banks,
-        settings,
-        checkpoint_dir=ckpt_dir,
-        resume_from=resume_from,
-        extra_state=extra,
-        callbacks=Callbacks(on_step=callbacks.on_step, on_epoch=write_losses),
-    )
-    return {"history": history, "checkpoint": latest, "best_checkpoint": best_checkpoint(ckpt_dir)}
+    # Fixed batch shapes: on a GPU, let cuDNN time its 3D convolution algorithms once and
+    # keep the fastest.
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = benchmark or device.type == "cuda"
+    try:
+        history = fit(
+            model,
+            banks,
+            settings,
+            checkpoint_dir=ckpt_dir,
+            resume_from=resume_from,
+            extra_state=extra,
+            callbacks=Callbacks(on_step=callbacks.on_step, on_epoch=write_losses),
+            dist=dist,
+        )
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+    return {
+        "history": history,
+        "checkpoint": latest,
+        "best_checkpoint": best_checkpoint(ckpt_dir),
+        "is_main_process": dist.is_main,
+    }
 
 
 def _tensorboard(logs: Path) -> Any:
