@@ -164,6 +164,69 @@ def _run_refine(config_file: Path | None, overrides: dict[str, Any]) -> None:
         typer.echo(f"wrote {path}")
 
 
+@app.command("simulate")
+@_friendly
+def simulate_cmd(
+    output_dir: Annotated[Path | None, typer.Option(help="Folder for the simulated data.")] = None,
+    thickness_px: Annotated[
+        int | None, typer.Option(help="Ground-truth thickness (z), i.e. the tomogram's.")
+    ] = None,
+    height_px: Annotated[int | None, typer.Option(help="Image height (y).")] = None,
+    width_px: Annotated[int | None, typer.Option(help="Image width (x).")] = None,
+    voxel_size_angstrom: Annotated[float | None, typer.Option()] = None,
+    ice_thickness_px: Annotated[int | None, typer.Option()] = None,
+    templates: Annotated[
+        list[str] | None,
+        typer.Option(help="Macromolecule to use (repeat for several); default: all."),
+    ] = None,
+    n_particles: Annotated[int | None, typer.Option(help="Particles in the field of view.")] = None,
+    n_vesicles: Annotated[int | None, typer.Option()] = None,
+    n_sheets: Annotated[int | None, typer.Option(help="Flat membrane patches.")] = None,
+    n_beads: Annotated[int | None, typer.Option(help="Gold beads.")] = None,
+    bead_radius_angstrom: Annotated[float | None, typer.Option()] = None,
+    tilt_min_deg: Annotated[float | None, typer.Option()] = None,
+    tilt_max_deg: Annotated[float | None, typer.Option()] = None,
+    tilt_step_deg: Annotated[float | None, typer.Option()] = None,
+    acquisition_scheme: Annotated[
+        str | None, typer.Option(help="dose-symmetric or sequential.")
+    ] = None,
+    dose_per_tilt_e_per_a2: Annotated[float | None, typer.Option()] = None,
+    snr: Annotated[
+        float | None, typer.Option(help="var(signal) / var(noise) of the tilt series.")
+    ] = None,
+    ctf: Annotated[bool | None, typer.Option(help="Modulate the images by the CTF.")] = None,
+    defocus_um: Annotated[float | None, typer.Option(help="Underfocus at the tilt axis.")] = None,
+    voltage_kv: Annotated[float | None, typer.Option()] = None,
+    spherical_aberration_mm: Annotated[float | None, typer.Option()] = None,
+    amplitude_contrast: Annotated[float | None, typer.Option()] = None,
+    defocus_gradient: Annotated[
+        bool | None, typer.Option(help="Defocus varies across tilted images.")
+    ] = None,
+    n_frames: Annotated[
+        int | None, typer.Option(help="Dose-fractionated frames per tilt; writes even/odd sums.")
+    ] = None,
+    seed: SeedOpt = None,
+    overwrite: Annotated[bool | None, typer.Option(help="Replace an existing simulation.")] = None,
+) -> None:
+    """Simulate a tilt series of macromolecules, membranes and gold in ice, with ground truth."""
+    options = dict(locals())
+    from deepdewedge.pipeline.simulation import simulate, simulate_config
+
+    cfg = simulate_config(**options)
+    paths = simulate(cfg)
+    for role, path in paths.items():
+        typer.echo(f"wrote {path}" + (f" ({role.replace('_', ' ')})" if role != "record" else ""))
+    typer.echo(
+        f"reconstruct with: ddw reconstruct --tilt-series {paths['tilt_series']} "
+        f"--mdoc {paths['mdoc']} --thickness {cfg.thickness_px}"
+        + (
+            f" --even-frames {paths['even_frames']} --odd-frames {paths['odd_frames']}"
+            if "even_frames" in paths
+            else ""
+        )
+    )
+
+
 @app.command("reconstruct")
 @_friendly
 def reconstruct_cmd(
@@ -304,7 +367,9 @@ def fit_model_cmd(
         typer.Option(help="Extra wedge and masked loss (--no-wedge-mask for noise2noise-only)."),
     ] = None,
     interpolation: Annotated[str | None, typer.Option(help="cubic (default) or linear.")] = None,
-    precision: Annotated[str | None, typer.Option(help="32 or bf16-mixed (GPU).")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="auto (bf16-mixed on GPUs, 32 on the CPU), 32 or bf16-mixed.")
+    ] = None,
     gpu: GpuOpt = None,
     seed: SeedOpt = None,
     resume: Annotated[bool | None, typer.Option(help="Continue from latest.ckpt.")] = None,

@@ -10,14 +10,28 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from deepdewedge.io.mrc import InputError
 
 SECTIONS = ("shared", "reconstruct", "make_mask", "prepare_data", "fit_model", "refine_tomogram")
+# Arithmetic of the U-Net: "auto" is bf16 autocast on GPUs and float32 on the CPU. YAML's
+# `precision: 32` (a number, as in published configs) means "32".
+Precision = Annotated[
+    Literal["auto", "32", "bf16-mixed"],
+    BeforeValidator(lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else v),
+]
 # Process-group backends a multi-process fit can use.
 DISTRIBUTED_BACKENDS = ("nccl", "gloo")
 
@@ -129,7 +143,7 @@ class FitModelConfig(_Step):
     rotate: bool = True
     wedge_mask: bool = True
     interpolation: Literal["cubic", "linear"] = "cubic"
-    precision: Literal["32", "bf16-mixed"] = "32"
+    precision: Precision = "auto"
     # GPU speed-ups: the U-Net in the channels-last 3D memory layout, and torch.compile
     # (which falls back to the uncompiled network, with a warning, if compiling fails).
     channels_last: bool = False
@@ -174,7 +188,7 @@ class RefineTomogramConfig(_Step):
     recompute_normalization: bool = True
     overwrite: bool = False
     output_dir: Path | None = None
-    precision: Literal["32", "bf16-mixed"] = "32"
+    precision: Precision = "auto"
 
     @field_validator("gpu")
     @classmethod

@@ -2,17 +2,23 @@
 
 The tomogram is cut into cubic tiles on a regular grid, the network is run on a few tiles at a
 time, and the predictions are blended back with separable raised-cosine weights. Tiles are
-streamed: at any moment only the output volume and one batch of tiles are held in memory, so
-a tomogram stored as a `np.memmap` (and an output `np.memmap`) can be larger than RAM.
+streamed: at any moment only one batch of tiles per device and a few z slabs of the output are
+being worked on, so a tomogram stored as a `np.memmap` (and an output `np.memmap`) can be
+larger than RAM. Several devices share the batches, and a device that runs out of memory
+continues with smaller batches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterator
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +35,11 @@ __all__ = ["refine_volume"]
 
 logger = logging.getLogger(__name__)
 
+# Voxels per z slab of the host-side sweeps over the output (16 MB of float32).
+_SLAB_VOXELS = 1 << 22
+# Finished batches a device worker may hold before the main thread takes them.
+_QUEUE_DEPTH = 2
+
 
 def refine_volume(
     model: torch.nn.Module,
@@ -37,7 +48,7 @@ def refine_volume(
     subtomo_size: int,
     subtomo_overlap: int,
     batch_size: int = 8,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | Sequence[torch.device | str] = "cpu",
     out: np.ndarray | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -48,8 +59,10 @@ def refine_volume(
     ----------
     model : torch.nn.Module
         Network mapping `(b, 1, s, s, s)` to `(b, 1, s, s, s)` with ``s = subtomo_size``; it
-        normalises its own input. Its parameters must already be on `device`. It is switched
-        to eval mode while refining and its previous training mode is restored afterwards.
+        normalises its own input, and its prediction for a tile must not depend on the other
+        tiles of the batch. Its parameters must already be on the (first) device. It is
+        switched to eval mode while refining and its previous training mode is restored
+        afterwards.
     tomo : torch.Tensor or np.ndarray
         `(d, h, w)` tomogram of any real dtype; a `np.memmap` is read tile by tile. Axes
         shorter than `subtomo_size` are allowed.
@@ -59,9 +72,12 @@ def refine_volume(
         Overlap between neighbouring tiles along each axis, in voxels, in ``[0, s)``; tiles
         are placed at stride ``s - subtomo_overlap`` and blended over the overlap.
     batch_size : int, default 8
-        Tiles per forward pass.
-    device : torch.device or str, default "cpu"
-        Device the network runs on; tiles are moved there and back batch by batch.
+        Tiles per forward pass (per device). A device that runs out of memory halves it, for
+        the rest of this call, and retries the same tiles.
+    device : torch.device or str or sequence of them, default "cpu"
+        Device the network runs on; tiles are moved there and back batch by batch. Given
+        several devices, the model is copied onto each of the others and batches are dealt to
+        them in turn, each device working in its own thread.
     out : np.ndarray, optional
         `(d, h, w)` float32 array (e.g. a writable `np.memmap`) receiving the result; it is
         overwritten and must not share memory with `tomo`. A new array is allocated if None.
@@ -82,7 +98,10 @@ def refine_volume(
     ValueError
         If `tomo` is not 3D, `subtomo_size` or `batch_size` is smaller than 1,
         `subtomo_overlap` is outside ``[0, subtomo_size)``, `out` has the wrong shape or dtype
-        or overlaps `tomo`, or the model's parameters are on another device type than `device`.
+        or overlaps `tomo`, no device is given, or the model's parameters are on another device
+        type than the first device.
+    torch.OutOfMemoryError
+        If a single tile does not fit in a device's memory.
 
     Notes
     -----
@@ -103,15 +122,29 @@ def refine_volume(
     (:func:`deepdewedge.tiling.blending_weights`) and added into `out`, which is finally
     divided by the total weight per voxel. Since the tiles form a Cartesian grid and the
     weights are separable, that total is the product of three 1D sums
-    (:func:`deepdewedge.tiling.weight_normaliser_1d`), applied slab by slab along z. The
-    normalised weights form a partition of unity, so a network that is the identity (or
-    adds a constant, or scales) is reproduced exactly, and differences between neighbouring
-    tiles' predictions fade in over the overlap instead of showing as seams. Peak memory is about
-    the output plus one batch of tiles (plus, on the host, a `(s, h, w)` normaliser slab).
+    (:func:`deepdewedge.tiling.weight_normaliser_1d`). The normalised weights form a
+    partition of unity, so a network that is the identity (or adds a constant, or scales) is
+    reproduced exactly, and differences between neighbouring tiles' predictions fade in over
+    the overlap instead of showing as seams.
+
+    **Memory.** Tiles are visited with z varying slowest, so `out` is written in one sweep
+    along z: its planes are zeroed just before the first tile reaches them and divided by the
+    total weight as soon as the last tile has passed. A memory-mapped `out` is thus touched
+    only a few tile-thick slabs at a time, and host memory holds about one batch of tiles per
+    device. No Fourier transform of the tomogram, or of anything larger than a tile, is made.
+
+    **Devices.** On CUDA, tiles go through pinned host memory with asynchronous copies, and
+    the next batch is queued on the device before the previous one is added into `out`, so
+    host and device work overlap. With several devices, batch ``k`` runs on device
+    ``k mod n`` and the main thread adds the batches into `out` in order, so the result does
+    not depend on the number of devices. A forward pass that runs out of device memory
+    (``torch.OutOfMemoryError`` or a ``RuntimeError`` saying "out of memory") is retried on
+    the same tiles, half as many at a time (rounded up), after emptying the device's cache;
+    a warning names the new batch size, which holds for the rest of the call.
     """
     _check_arguments(tomo, subtomo_size, subtomo_overlap, batch_size, out)
-    device = torch.device(device)
-    _check_model_device(model, device)
+    devices = _as_devices(device)
+    _check_model_device(model, devices[0])
     shape = tuple(int(n) for n in tomo.shape)
     size, overlap = subtomo_size, subtomo_overlap
     stride = size - overlap
@@ -119,38 +152,61 @@ def refine_volume(
     pads = [_axis_padding(n, size, overlap) for n in shape]
     padded_shape = [lo + n + hi for n, (lo, hi) in zip(shape, pads, strict=True)]
     pad_before = torch.tensor([lo for lo, _ in pads], dtype=torch.int64)
-    starts = grid_starts(padded_shape, (size,) * 3, (stride,) * 3) - pad_before
-    normalisers = [
+    # z varies slowest (grid_starts), so the z starts never decrease along the batches.
+    starts = (grid_starts(padded_shape, (size,) * 3, (stride,) * 3) - pad_before).numpy()
+    norm_z, norm_y, norm_x = (
         weight_normaliser_1d(length, size, window_starts(length, size, stride), overlap).numpy()[
             lo : lo + n
         ]
         for length, n, (lo, _) in zip(padded_shape, shape, pads, strict=True)
-    ]
-    weights = blending_weights((size,) * 3, (overlap,) * 3).to(device)
+    )
+    norm_yx = np.outer(norm_y, norm_x)
+    weights = blending_weights((size,) * 3, (overlap,) * 3)
+    batches = [starts[first : first + batch_size] for first in range(0, len(starts), batch_size)]
     total = len(starts)
     logger.debug(
-        "refining a %s tomogram in %d tiles of %d voxels (overlap %d, reflection padding %s)",
+        "refining a %s tomogram in %d tiles of %d voxels (overlap %d, reflection padding %s) on %s",
         shape,
         total,
         size,
         overlap,
         pads,
+        ", ".join(str(d) for d in devices),
     )
 
-    out = _zeroed_output(out, shape)
+    out = np.zeros(shape, dtype=np.float32) if out is None else out
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            for done, batch_starts in _batches(starts, batch_size):
-                tiles = extract_windows(tomo, batch_starts, (size,) * 3, reflect=True)
-                prediction = _predict(model, tiles, device, autocast_dtype) * weights
-                _accumulate(out, prediction.cpu().numpy(), batch_starts.numpy())
+        workers = [
+            _Worker(
+                replica,
+                dev,
+                tomo,
+                weights,
+                batch_size=batch_size,
+                autocast_dtype=autocast_dtype,
+            )
+            for replica, dev in zip(_replicas(model, devices), devices, strict=True)
+        ]
+        zeroed = normalised = done = 0
+        with contextlib.closing(_in_order(workers, batches)) as predictions:
+            for batch_starts, prediction in zip(batches, predictions, strict=True):
+                reach = min(shape[0], int(batch_starts[:, 0].max()) + size)
+                if reach > zeroed:
+                    _zero(out, zeroed, reach)
+                    zeroed = reach
+                _accumulate(out, prediction, batch_starts)
+                done += len(batch_starts)
+                # Planes below the next tile's start receive nothing more.
+                final = shape[0] if done == total else min(max(int(starts[done, 0]), 0), shape[0])
+                if final > normalised:
+                    _normalise(out, norm_z, norm_yx, normalised, final)
+                    normalised = final
                 if progress is not None:
                     progress(done, total)
     finally:
         model.train(was_training)
-    _normalise(out, normalisers, slab=size)
     return out
 
 
@@ -207,42 +263,214 @@ def _axis_padding(size: int, window: int, overlap: int) -> tuple[int, int]:
     return base + extra // 2, base + extra - extra // 2
 
 
-def _zeroed_output(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
-    """Return `out` filled with zeros, or a new `shape` float32 array of zeros."""
-    if out is None:
-        return np.zeros(shape, dtype=np.float32)
-    out.fill(0.0)
-    return out
+def _as_devices(device: torch.device | str | Sequence[torch.device | str]) -> list[torch.device]:
+    """The devices to run on, as a non-empty list."""
+    if isinstance(device, torch.device | str):
+        return [torch.device(device)]
+    devices = [torch.device(d) for d in device]
+    if not devices:
+        raise ValueError("device must name at least one device, got an empty sequence")
+    return devices
 
 
-def _batches(starts: torch.Tensor, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield `(number of tiles done after this batch, (b, 3) starts of the batch)`."""
-    for first in range(0, len(starts), batch_size):
-        batch = starts[first : first + batch_size]
-        yield first + len(batch), batch
+def _replicas(model: torch.nn.Module, devices: list[torch.device]) -> list[torch.nn.Module]:
+    """`model` itself for the first device and an eval-mode copy of it on each other device."""
+    return [model] + [copy.deepcopy(model).to(dev).eval() for dev in devices[1:]]
 
 
-def _predict(
-    model: torch.nn.Module,
-    tiles: torch.Tensor,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None,
-) -> torch.Tensor:
-    """Run the model on `(b, s, s, s)` tiles; return `(b, s, s, s)` float32 on `device`."""
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
+def _is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` reports that a device ran out of memory."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err)
     )
-    batch = tiles.to(device)[:, None]
-    with autocast:
-        prediction = model(batch)
-    if prediction.shape != batch.shape:
-        raise ValueError(
-            f"the model mapped tiles of shape {tuple(batch.shape)} to {tuple(prediction.shape)}; "
-            "it must preserve the shape (b, 1, s, s, s)"
+
+
+class _Worker:
+    """Runs the batches of tiles dealt to one device and hands back weighted predictions."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        tomo: torch.Tensor | np.ndarray,
+        weights: torch.Tensor,
+        *,
+        batch_size: int,
+        autocast_dtype: torch.dtype | None,
+    ) -> None:
+        self.model, self.device, self.tomo = model, device, tomo
+        self.window = tuple(weights.shape)
+        self.weights = weights.to(device)
+        self.chunk = batch_size  # tiles per forward pass, halved when out of memory
+        self.autocast_dtype = autocast_dtype
+        self.cuda = device.type == "cuda"
+
+    def run(self, batches: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
+        """Yield the `(b, s, s, s)` float32 weighted predictions of `(b, 3)` tile starts.
+
+        On CUDA the next batch is queued on the device before the previous prediction is
+        handed back, so that the device computes while the caller adds it into the output.
+        """
+        lookahead = 1 if self.cuda else 0
+        pending: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque()
+        for batch_starts in batches:
+            tiles = extract_windows(self.tomo, batch_starts, self.window, reflect=True)
+            pending.append(self._submit(tiles))
+            if len(pending) > lookahead:
+                yield self._collect(*pending.popleft())
+        while pending:
+            yield self._collect(*pending.popleft())
+
+    def _submit(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start predicting `(b, s, s, s)` tiles; return the host result and its ready event."""
+        if not self.cuda:
+            return self._predict_into(tiles, torch.empty(tiles.shape)), None
+        with torch.cuda.device(self.device):
+            if tiles.device.type == "cpu":
+                tiles = tiles.pin_memory()
+            result = torch.empty(tiles.shape, dtype=torch.float32, pin_memory=True)
+            self._predict_into(tiles, result)
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        return result, ready
+
+    def _predict_into(self, tiles: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Fill the `(b, s, s, s)` host tensor `result` with the weighted predictions of `tiles`.
+
+        The tiles go through the network `self.chunk` at a time; on CUDA the copies to and
+        from the device are asynchronous.
+        """
+        first = 0
+        while first < len(tiles):
+            count = min(self.chunk, len(tiles) - first)
+            prediction = self._predict(tiles[first : first + count])
+            if prediction is None:
+                self._back_off(count)
+                continue
+            result[first : first + count].copy_(prediction, non_blocking=self.cuda)
+            first += count
+        return result
+
+    def _predict(self, tiles: torch.Tensor) -> torch.Tensor | None:
+        """Weighted `(b, s, s, s)` float32 prediction on the device, or None if out of memory."""
+        autocast = (
+            torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
         )
-    return prediction[:, 0].to(torch.float32)
+        try:
+            with torch.inference_mode():
+                batch = tiles.to(self.device, non_blocking=True)[:, None]
+                with autocast:
+                    prediction = self.model(batch)
+                if prediction.shape != batch.shape:
+                    raise ValueError(
+                        f"the model mapped tiles of shape {tuple(batch.shape)} to "
+                        f"{tuple(prediction.shape)}; it must preserve the shape (b, 1, s, s, s)"
+                    )
+                return prediction[:, 0].to(torch.float32) * self.weights
+        except RuntimeError as err:
+            if not _is_out_of_memory(err):
+                raise
+        # Out of memory: the failed pass's tensors are released once the handler has exited.
+        return None
+
+    def _back_off(self, count: int) -> None:
+        """React to running out of memory with `count` tiles: halve the batch, or give up."""
+        if count == 1:
+            raise torch.OutOfMemoryError(
+                f"{self.device}: a single tile of {self.window[0]}³ voxels does not fit in its "
+                "memory; refine with a smaller subtomo_size, in bf16-mixed precision, or on a "
+                "device with more free memory"
+            )
+        if self.cuda:
+            torch.cuda.empty_cache()  # of the current device, set by _submit
+        self.chunk = (count + 1) // 2
+        logger.warning(
+            "%s ran out of memory with %d tiles per batch; continuing with batch size %d",
+            self.device,
+            count,
+            self.chunk,
+        )
+
+    def _collect(self, result: torch.Tensor, ready: torch.cuda.Event | None) -> np.ndarray:
+        """Wait until `result` holds the prediction and return it as an array."""
+        if ready is not None:
+            ready.synchronize()
+        return result.numpy()
+
+
+class _Failure:
+    """An exception raised in a worker thread, handed to the main thread."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _in_order(workers: list[_Worker], batches: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """Predictions of `batches` in order, batch ``k`` computed by worker ``k mod n``."""
+    if len(workers) == 1:
+        yield from workers[0].run(batches)
+        return
+    n = len(workers)
+    stop = threading.Event()
+    results: list[queue.Queue] = [queue.Queue(maxsize=_QUEUE_DEPTH) for _ in workers]
+    threads = [
+        threading.Thread(
+            target=_serve,
+            args=(worker, batches[i::n], results[i], stop),
+            name=f"refine-{worker.device}-{i}",
+            daemon=True,
+        )
+        for i, worker in enumerate(workers)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for index in range(len(batches)):
+            item = results[index % n].get()
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+
+def _serve(
+    worker: _Worker, batches: list[np.ndarray], results: queue.Queue, stop: threading.Event
+) -> None:
+    """Thread body: put the worker's predictions (or its exception) on `results` in order."""
+    try:
+        for prediction in worker.run(batches):
+            if not _put(results, prediction, stop):
+                return
+    except BaseException as err:  # handed to the main thread, which raises it
+        _put(results, _Failure(err), stop)
+
+
+def _put(results: queue.Queue, item: object, stop: threading.Event) -> bool:
+    """Put `item` on `results` unless `stop` is set first; return whether it was put."""
+    while not stop.is_set():
+        try:
+            results.put(item, timeout=0.1)
+        except queue.Full:
+            continue
+        return True
+    return False
+
+
+def _slab_planes(shape: tuple[int, ...]) -> int:
+    """Number of z planes in a host-side slab of a `(d, h, w)` volume."""
+    return max(1, _SLAB_VOXELS // max(1, shape[1] * shape[2]))
+
+
+def _zero(out: np.ndarray, z0: int, z1: int) -> None:
+    """Set planes ``z0:z1`` of `out` to zero, slab by slab."""
+    step = _slab_planes(out.shape)
+    for z in range(z0, z1, step):
+        out[z : min(z + step, z1)] = 0.0
 
 
 def _accumulate(out: np.ndarray, tiles: np.ndarray, starts: np.ndarray) -> None:
@@ -261,10 +489,9 @@ def _accumulate(out: np.ndarray, tiles: np.ndarray, starts: np.ndarray) -> None:
         out[tuple(target)] += tile[tuple(source)]
 
 
-def _normalise(out: np.ndarray, normalisers: list[np.ndarray], *, slab: int) -> None:
-    """Divide `out` in place by the separable total weight, `slab` z-planes at a time."""
-    norm_z, norm_y, norm_x = normalisers
-    norm_yx = np.outer(norm_y, norm_x)
-    for z0 in range(0, out.shape[0], slab):
-        z1 = min(z0 + slab, out.shape[0])
-        out[z0:z1] /= norm_z[z0:z1, None, None] * norm_yx
+def _normalise(out: np.ndarray, norm_z: np.ndarray, norm_yx: np.ndarray, z0: int, z1: int) -> None:
+    """Divide planes ``z0:z1`` of `out` in place by the separable total weight, slab by slab."""
+    step = _slab_planes(out.shape)
+    for z in range(z0, z1, step):
+        end = min(z + step, z1)
+        out[z:end] /= norm_z[z:end, None, None] * norm_yx

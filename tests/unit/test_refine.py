@@ -1,7 +1,11 @@
+import threading
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
 
+from deepdewedge import refine as refine_module
 from deepdewedge.refine import refine_volume
 
 SHAPE = (20, 37, 29)
@@ -208,3 +212,175 @@ def test_identity_model_on_each_device(tomo, device):
         model, source, subtomo_size=16, subtomo_overlap=8, batch_size=3, device=device
     )
     np.testing.assert_allclose(refined, tomo, rtol=0, atol=1e-5)
+
+
+class RunsOutOfMemory(torch.nn.Module):
+    """A nonlinear voxel-wise map that fails like a full device above `limit` tiles.
+
+    With ``conv=True`` a fixed random 3x3x3 convolution follows: a network whose output
+    depends on neighbouring voxels, though in float32 bit for bit only for equal batches.
+    """
+
+    def __init__(self, limit=1000, error=torch.OutOfMemoryError, *, conv=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv3d(1, 1, 3, padding=1) if conv else torch.nn.Identity()
+        self.limit, self.error = limit, error
+        self.batch_sizes = []
+
+    def forward(self, x):
+        self.batch_sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.conv(torch.tanh(1.5 * x) - 0.3 * x**2)
+
+
+def _refine(model, tomo, **kwargs):
+    return refine_volume(model, tomo, subtomo_size=12, subtomo_overlap=4, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [torch.OutOfMemoryError, lambda message: RuntimeError(f"CUDA error: {message.lower()}")],
+)
+def test_out_of_memory_halves_the_batch_and_gives_the_same_result(tomo, caplog, error):
+    expected = _refine(RunsOutOfMemory(), tomo, batch_size=7)
+    model = RunsOutOfMemory(limit=2, error=error)
+
+    with caplog.at_level("WARNING", logger="deepdewedge.refine"):
+        refined = _refine(model, tomo, batch_size=7)
+
+    np.testing.assert_array_equal(refined, expected)
+    # 7 fails, 4 fails, then every pass has at most 2 tiles: the same tiles are retried.
+    assert model.batch_sizes[:3] == [7, 4, 2] and max(model.batch_sizes[2:]) <= 2
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and warnings[-1].endswith("continuing with batch size 2")
+    assert "with 7 tiles per batch" in warnings[0] and "batch size 4" in warnings[0]
+
+
+def test_a_tile_that_never_fits_raises_one_line(tomo):
+    model = RunsOutOfMemory(limit=0)
+    with pytest.raises(torch.OutOfMemoryError, match="a single tile of 12³ voxels") as err:
+        _refine(model, tomo, batch_size=4)
+    assert "\n" not in str(err.value) and "subtomo_size" in str(err.value)
+    assert model.training
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(tomo):
+    model = RunsOutOfMemory(limit=1, error=RuntimeError)
+    model.error = lambda message: RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR")
+    with pytest.raises(RuntimeError, match="CUDNN_STATUS"):
+        _refine(model, tomo, batch_size=4)
+    assert model.batch_sizes == [4]
+
+
+@pytest.mark.parametrize(("n_devices", "batch_size"), [(2, 3), (3, 2), (2, 1000)])
+def test_several_devices_give_the_single_device_result_exactly(tomo, n_devices, batch_size):
+    single, expected_calls = RunsOutOfMemory(conv=True), []
+    expected = _refine(
+        single, tomo, batch_size=batch_size, progress=lambda *args: expected_calls.append(args)
+    )
+    model, calls = RunsOutOfMemory(conv=True), []
+
+    refined = _refine(
+        model,
+        tomo,
+        batch_size=batch_size,
+        device=[torch.device("cpu")] * n_devices,
+        progress=lambda *args: calls.append(args),
+    )
+
+    np.testing.assert_array_equal(refined, expected)
+    assert calls == expected_calls  # batches are added in order, one progress call each
+    # The model given ran batches 0, n, 2n, ...; copies of it ran the others.
+    assert len(model.batch_sizes) == len(range(0, len(single.batch_sizes), n_devices))
+    assert model.training
+
+
+def test_several_devices_with_out_of_memory_on_each(tomo):
+    expected = _refine(RunsOutOfMemory(), tomo, batch_size=5)
+    refined = _refine(RunsOutOfMemory(limit=2), tomo, batch_size=5, device=["cpu", "cpu"])
+    np.testing.assert_array_equal(refined, expected)
+
+
+def test_a_failure_on_another_device_reaches_the_caller(tomo):
+    class FailsOnCopies(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.original = True
+
+        def __deepcopy__(self, memo):
+            copy = FailsOnCopies()
+            copy.original = False
+            return copy
+
+        def forward(self, x):
+            if not self.original:
+                raise ValueError("broken replica")
+            return x
+
+    threads = threading.active_count()
+    with pytest.raises(ValueError, match="broken replica"):
+        _refine(FailsOnCopies(), tomo, batch_size=2, device=["cpu", "cpu"])
+    assert threading.active_count() == threads
+
+
+def test_an_empty_device_list_is_rejected(tomo):
+    with pytest.raises(ValueError, match="at least one device"):
+        _refine(Affine(), tomo, device=[])
+
+
+def test_memmaps_are_refined_in_slabs_without_full_size_arrays(tmp_path, monkeypatch):
+    shape = (40, 96, 128)
+    rng = np.random.default_rng(4)
+    source = np.memmap(tmp_path / "in.raw", dtype=np.float32, mode="w+", shape=shape)
+    source[:] = rng.standard_normal(shape, dtype=np.float32)
+    out = np.memmap(tmp_path / "out.raw", dtype=np.float32, mode="w+", shape=shape)
+    monkeypatch.setattr(refine_module, "_SLAB_VOXELS", 2 * 96 * 128)
+
+    tracemalloc.start()
+    try:
+        refine_volume(Affine(), source, subtomo_size=16, subtomo_overlap=6, batch_size=4, out=out)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    np.testing.assert_allclose(out, source, rtol=0, atol=1e-5)
+    assert peak < source.nbytes / 4  # a few slabs and tiles
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class Greedy(torch.nn.Module):
+    """Asks the device for a petabyte above `limit` tiles: a real out-of-memory error."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+
+    def forward(self, x):
+        if x.shape[0] > self.limit:
+            torch.empty(1 << 50, dtype=torch.uint8, device=x.device)
+        return torch.tanh(1.5 * x) - 0.3 * x**2
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_out_of_memory_backs_off_to_the_same_result(tomo, caplog):
+    expected = _refine(Greedy(limit=1000), tomo, batch_size=5, device="cuda")
+    with caplog.at_level("WARNING", logger="deepdewedge.refine"):
+        refined = _refine(Greedy(limit=2), tomo, batch_size=5, device="cuda")
+    np.testing.assert_array_equal(refined, expected)
+    assert "continuing with batch size 2" in caplog.records[-1].getMessage()
+    np.testing.assert_allclose(refined, _refine(Greedy(limit=1000), tomo), rtol=0, atol=1e-5)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_several_cuda_workers_give_the_single_device_result(tomo):
+    model = Greedy(limit=1000)
+    expected = _refine(model, tomo, batch_size=3, device="cuda")
+    devices = [f"cuda:{i % torch.cuda.device_count()}" for i in range(2)]
+    refined = _refine(model, tomo, batch_size=3, device=devices)
+    np.testing.assert_array_equal(refined, expected)

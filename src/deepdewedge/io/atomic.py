@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from collections.abc import Iterator
@@ -69,3 +70,33 @@ def atomic_write(
         raise InputError(f"{path}: cannot write it ({err.strerror}); {fix}") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that interrupted atomic writes of `path` left beside it.
+
+    A write that was killed (not merely failed) cannot remove its hidden ``.{name}.*.tmp``
+    file; for large volumes these are worth removing before writing `path` again. Only
+    temporaries of this one target are touched, so call it just before writing `path`, when
+    no other process is writing it.
+
+    Parameters
+    ----------
+    path
+        The target file whose temporaries are removed.
+
+    Returns
+    -------
+    list[Path]
+        The removed files.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    prefix = f".{path.name}."
+    removed = []
+    for stale in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+        if "." not in stale.name[len(prefix) : -len(".tmp")]:  # not another target's
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mrcfile
@@ -12,7 +14,10 @@ import numpy as np
 from deepdewedge.io.atomic import atomic_write
 from deepdewedge.io.errors import InputError
 
-__all__ = ["InputError", "read_volume", "write_volume"]
+__all__ = ["InputError", "map_volume", "new_volume", "read_volume", "write_volume"]
+
+# Voxels per z slab when a memory-mapped volume is swept slab by slab (16 MB of float32).
+_SLAB_VOXELS = 1 << 22
 
 
 def read_volume(path: str | os.PathLike, *, mmap: bool = False) -> tuple[np.ndarray, float]:
@@ -30,6 +35,52 @@ def read_volume(path: str | os.PathLike, *, mmap: bool = False) -> tuple[np.ndar
     -------
     tuple
         The volume `(d, h, w)` and the voxel size in Å (x spacing; 1.0 if the header has none).
+    """
+    path, dtype, shape, offset, voxel_size = _locate_volume(path)
+    if mmap and dtype == np.float32:
+        volume = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.mmap(path, mode="r", permissive=False) as mrc:
+                volume = np.asarray(mrc.data, dtype=np.float32).copy()
+    if not mmap and not np.isfinite(volume).all():
+        raise InputError(
+            f"{path}: contains NaN or Inf voxels; replace them (e.g. by the mean) and write "
+            "the volume again"
+        )
+    return volume, voxel_size
+
+
+def map_volume(path: str | os.PathLike) -> tuple[np.memmap, float]:
+    """Memory-map a 3D MRC volume in the type it is stored in, and read its voxel size in Å.
+
+    Unlike ``read_volume(path, mmap=True)``, no mode is converted in memory, so volumes of any
+    size and any real-valued mode are read lazily; convert the parts you read (e.g. with
+    ``np.asarray(volume[z0:z1], dtype=np.float32)``). The data are not checked for NaN or Inf.
+
+    Parameters
+    ----------
+    path
+        MRC file.
+
+    Returns
+    -------
+    tuple
+        The read-only `(d, h, w)` `np.memmap` (its dtype carries the file's byte order) and the
+        voxel size in Å (x spacing; 1.0 if the header has none).
+    """
+    path, dtype, shape, offset, voxel_size = _locate_volume(path)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape), voxel_size
+
+
+def _locate_volume(
+    path: str | os.PathLike,
+) -> tuple[Path, np.dtype, tuple[int, int, int], int, float]:
+    """Check that `path` is a readable 3D real-valued MRC volume and find its data block.
+
+    Returns the path, the stored dtype, the shape `(d, h, w)`, the byte offset of the data and
+    the voxel size in Å; raises a one-line `InputError` naming the file otherwise.
     """
     path = Path(path)
     if not path.exists():
@@ -62,17 +113,9 @@ def read_volume(path: str | os.PathLike, *, mmap: bool = False) -> tuple[np.ndar
                 "as mode 2 (float32)"
             )
         voxel_size = float(mrc.voxel_size.x) or 1.0
-        if mmap and data.dtype == np.float32:
-            offset = 1024 + int(mrc.header.nsymbt)
-            volume = np.memmap(path, dtype=data.dtype, mode="r", offset=offset, shape=data.shape)
-        else:
-            volume = np.asarray(data, dtype=np.float32).copy()
-    if not mmap and not np.isfinite(volume).all():
-        raise InputError(
-            f"{path}: contains NaN or Inf voxels; replace them (e.g. by the mean) and write "
-            "the volume again"
-        )
-    return volume, voxel_size
+        offset = 1024 + int(mrc.header.nsymbt)
+        d, h, w = (int(n) for n in data.shape)
+        return path, data.dtype, (d, h, w), offset, voxel_size
 
 
 def _unreadable(path: Path, size: int, err: BaseException) -> str:
@@ -124,3 +167,75 @@ def write_volume(path: str | os.PathLike, volume: np.ndarray, *, voxel_size: flo
         mrc.set_data(np.ascontiguousarray(volume, dtype=np.float32))
         mrc.voxel_size = voxel_size
     return path
+
+
+@contextmanager
+def new_volume(
+    path: str | os.PathLike, shape: tuple[int, int, int], *, voxel_size: float = 1.0
+) -> Iterator[np.memmap]:
+    """Create a float32 MRC volume to be filled in place, and publish it atomically.
+
+    The file is created as a hidden temporary beside `path` (as by
+    :func:`deepdewedge.io.atomic.atomic_write`) and its data block is memory-mapped and
+    yielded. When the block succeeds, the header statistics are computed slab by slab, the
+    data are flushed and the file is renamed to `path`; when it fails, the temporary file is
+    removed and an existing `path` is left untouched. Nothing is read or written in one
+    piece, so volumes larger than the memory are fine.
+
+    Parameters
+    ----------
+    path
+        Destination; parent directories are created.
+    shape
+        `(d, h, w)` of the volume.
+    voxel_size
+        Voxel size in Å written to the header.
+
+    Yields
+    ------
+    np.memmap
+        The writable `(d, h, w)` float32 data block; its initial content is unspecified (zeros
+        on Linux, where the file starts sparse). Do not use it after the block.
+
+    Raises
+    ------
+    InputError
+        If the file cannot be created (permissions, full disk).
+
+    Notes
+    -----
+    Disk blocks are allocated as the map's pages are written back, so check the free space
+    first: a disk that fills up while the map is being written stops the process with a bus
+    error (and leaves the temporary file behind, see
+    :func:`deepdewedge.io.atomic.remove_stale_temporaries`).
+    """
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        mrc = mrcfile.new_mmap(tmp, shape=tuple(int(n) for n in shape), mrc_mode=2, overwrite=True)
+        with mrc:
+            mrc.voxel_size = voxel_size
+            yield mrc.data
+            _set_header_stats(mrc.header, mrc.data)
+
+
+def _set_header_stats(header: np.recarray, data: np.ndarray) -> None:
+    """Write min, max, mean and RMS deviation of `data` to `header`, one z slab at a time."""
+    plane = max(1, int(np.prod(data.shape[1:])))
+    step = max(1, _SLAB_VOXELS // plane)
+    count, mean, m2 = 0, 0.0, 0.0
+    low, high = np.inf, -np.inf
+    for z0 in range(0, data.shape[0], step):
+        slab = np.asarray(data[z0 : z0 + step], dtype=np.float64)
+        n, slab_mean = slab.size, float(slab.mean())
+        slab_m2 = float(np.square(slab - slab_mean).sum())
+        delta = slab_mean - mean
+        total = count + n
+        mean += delta * n / total
+        m2 += slab_m2 + delta**2 * count * n / total
+        count = total
+        low, high = min(low, float(slab.min())), max(high, float(slab.max()))
+    if count == 0:
+        return
+    header.dmin, header.dmax = np.float32(low), np.float32(high)
+    header.dmean = np.float32(mean)
+    header.rms = np.float32(np.sqrt(m2 / count))

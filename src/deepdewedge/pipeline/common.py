@@ -33,6 +33,15 @@ def provenance(config: Any) -> dict[str, Any]:
     }
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The U-Net's arithmetic: "auto" means bf16 autocast on a GPU that has it, else float32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32"
+
+
 def resolve_device(gpu: int | list[int] | None) -> torch.device:
     """The device a step runs on: the first listed GPU, or the CPU when none is named."""
     if gpu is None or gpu == []:

@@ -28,6 +28,7 @@ from deepdewedge.pipeline.common import (
     check_writable,
     provenance,
     resolve_device,
+    resolve_precision,
     save_figure,
 )
 from deepdewedge.pipeline.prepare import load_banks, subtomo_dir
@@ -115,7 +116,7 @@ def _fit_model(
         save_every=config.save_model_every_n_epochs,
         keep_best_val=config.save_n_models_with_lowest_val_loss,
         keep_best_fit=config.save_n_models_with_lowest_fitting_loss,
-        precision=config.precision,
+        precision=resolve_precision(config.precision, device),
         channels_last=config.channels_last,
         compile=config.compile,
         device=device,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -17,11 +18,13 @@ from deepdewedge.config import (
     check_overlap,
 )
 from deepdewedge.evaluate.figures import orthoslice_figure
-from deepdewedge.io.mrc import InputError, read_volume, write_volume
+from deepdewedge.io.atomic import remove_stale_temporaries
+from deepdewedge.io.mrc import InputError, map_volume, new_volume
 from deepdewedge.pipeline.common import (
     check_writable,
     mean_std,
     resolve_device,
+    resolve_precision,
     save_figure,
     write_record,
 )
@@ -30,6 +33,12 @@ from deepdewedge.refine import refine_volume
 
 log = logging.getLogger(__name__)
 
+# Voxels per z slab when whole volumes are swept on the host (16 MB of float32).
+_SLAB_VOXELS = 1 << 22
+# The QC figure shows volumes binned to at most this many voxels and this many per side.
+_PREVIEW_VOXELS = 1 << 21
+_PREVIEW_SIDE = 512
+
 
 def refine_tomogram(
     config: RefineTomogramConfig, *, progress: Callable[[int, int], None] | None = None
@@ -37,8 +46,14 @@ def refine_tomogram(
     """Step 3: refine tomograms with a fitted model and write them as MRC.
 
     By default each pair (tomo0, tomo1) is refined half by half and averaged, as the
-    published tool does; with ``tomo_files`` the full tomograms are refined instead (the
-    paper's step 3). Returns the written paths.
+    published tool does, and the half-difference map (refined tomo0 minus refined tomo1) is
+    written beside the average; with ``tomo_files`` the full tomograms are refined instead
+    (the paper's step 3). Returns the written paths.
+
+    Inputs are memory-mapped and outputs are refined straight into memory-mapped temporary
+    files that are renamed into place when complete, so host memory stays at a few tiles and
+    slabs whatever the tomogram's size (plus what the operating system caches of the files).
+    Several GPUs in ``gpu`` share the tiles of each tomogram.
     """
     ckpt = config.model_checkpoint_file or best_checkpoint(log_dir(config) / "checkpoints")
     model, state = load_model(ckpt)
@@ -53,10 +68,11 @@ def refine_tomogram(
         check_overlap(overlap, subtomo_size)
     except ValueError as err:
         raise InputError(f"{ckpt}: {err}") from None
-    device = resolve_device(config.gpu)
-    model.to(device)
+    devices = _devices(config.gpu)
+    model.to(devices[0])
     out_dir = Path(config.output_dir or Path(config.project_dir) / "refined_tomograms")
-    autocast = torch.bfloat16 if config.precision == "bf16-mixed" else None
+    precision = resolve_precision(config.precision, devices[0])
+    autocast = torch.bfloat16 if precision == "bf16-mixed" else None
     if config.tomo_files:
         jobs = [([Path(f)], Path(f).stem) for f in config.tomo_files]
     else:
@@ -70,8 +86,8 @@ def refine_tomogram(
     for files, stem in jobs:
         shapes = set()
         for f in files:
-            tomo, voxel_size = read_volume(f, mmap=True)
-            mean, std = mean_std(tomo)
+            tomo, voxel_size = map_volume(f)
+            mean, std = mean_std(tomo, chunk=_slab_planes(tomo.shape))
             if not np.isfinite(std):
                 raise InputError(f"{f}: contains NaN or Inf voxels; fix them before refining")
             shapes.add(tomo.shape)
@@ -91,35 +107,47 @@ def refine_tomogram(
     written = []
     for files, stem in jobs:
         started = time.perf_counter()
-        refined = []
-        for f in files:
-            tomo, voxel_size, mean, std = volumes[f]
-            if config.recompute_normalization:
-                model.set_normalization(mean, std if std > 0 else 1.0)
-            refined.append(
-                refine_volume(
-                    model,
-                    tomo,
-                    subtomo_size=subtomo_size,
-                    subtomo_overlap=overlap,
-                    batch_size=config.batch_size,
-                    device=device,
-                    autocast_dtype=autocast,
-                    progress=progress,
-                )
-            )
+        tomo0, voxel_size = volumes[files[0]][:2]
+        targets = [out_dir / f"{stem}_refined.mrc"]
+        if len(files) == 2:
+            targets.append(out_dir / f"{stem}_halfdiff.mrc")
+        for target in targets:
+            remove_stale_temporaries(target)
+        # Halves: refined tomo0 goes into the output, refined tomo1 into the half-difference
+        # map, and the two become average and difference slab by slab. Both files appear
+        # only when everything succeeded.
+        with contextlib.ExitStack() as stack:
+            results = [
+                stack.enter_context(new_volume(t, tomo0.shape, voxel_size=voxel_size))
+                for t in targets
+            ]
+            for f, result in zip(files, results, strict=True):
+                tomo, _, mean, std = volumes[f]
+                if config.recompute_normalization:
+                    model.set_normalization(mean, std if std > 0 else 1.0)
+                try:
+                    refine_volume(
+                        model,
+                        tomo,
+                        subtomo_size=subtomo_size,
+                        subtomo_overlap=overlap,
+                        batch_size=config.batch_size,
+                        device=devices,
+                        out=result,
+                        autocast_dtype=autocast,
+                        progress=progress,
+                    )
+                except torch.OutOfMemoryError as err:
+                    raise InputError(f"{f}: {err}") from None
+            if len(results) == 2:
+                _average_and_difference(*results)
+        path = targets[0]
         outputs = {}
-        if len(refined) == 2:
-            # In place: refined[0] becomes the average, refined[1] the half difference.
-            refined[0] += refined[1]
-            refined[1] *= -2.0
-            refined[1] += refined[0]
-            refined[0] /= 2.0
-            outputs["half_difference"] = write_volume(
-                out_dir / f"{stem}_halfdiff.mrc", refined[1], voxel_size=voxel_size
-            )
-        path = write_volume(out_dir / f"{stem}_refined.mrc", refined[0], voxel_size=voxel_size)
-        figure = orthoslice_figure({"input": volumes[files[0]][0], "refined": refined[0]})
+        if len(targets) == 2:
+            outputs["half_difference"] = targets[1]
+        refined, _ = map_volume(path)
+        figure = orthoslice_figure({"input": _preview(tomo0), "refined": _preview(refined)})
+        del refined
         outputs["qc_figure"] = out_dir / f"{stem}_qc.png"
         save_figure(figure, outputs["qc_figure"])
         write_record(
@@ -130,7 +158,65 @@ def refine_tomogram(
             checkpoint=str(ckpt),
             subtomo_size=subtomo_size,
             subtomo_overlap=overlap,
+            devices=[str(d) for d in devices],
+            precision=precision,
             outputs={k: str(v) for k, v in {"refined": path, **outputs}.items()},
         )
         written.append(path)
     return written
+
+
+def _devices(gpu: int | list[int] | None) -> list[torch.device]:
+    """The devices refinement runs on: each listed GPU, or the CPU when none is named."""
+    if isinstance(gpu, list) and len(gpu) > 1:
+        return [resolve_device(index) for index in gpu]
+    return [resolve_device(gpu)]
+
+
+def _slab_planes(shape: tuple[int, ...]) -> int:
+    """Number of z planes in a host-side slab of a `(d, h, w)` volume."""
+    return max(1, _SLAB_VOXELS // max(1, int(shape[1]) * int(shape[2])))
+
+
+def _average_and_difference(first: np.ndarray, second: np.ndarray) -> None:
+    """Replace `first` by ``(first + second) / 2`` and `second` by ``first - second``.
+
+    Both `(d, h, w)` arrays (memory maps) are updated in place, one z slab at a time.
+    """
+    step = _slab_planes(first.shape)
+    for z0 in range(0, first.shape[0], step):
+        a = np.array(first[z0 : z0 + step])
+        b = np.array(second[z0 : z0 + step])
+        first[z0 : z0 + step] = (a + b) / 2
+        second[z0 : z0 + step] = a - b
+
+
+def _preview(volume: np.ndarray) -> np.ndarray:
+    """`(d, h, w)` volume binned for a figure, read slab by slab, as float32.
+
+    The bin factor is the smallest integer that brings the volume to at most
+    ``_PREVIEW_VOXELS`` voxels and ``_PREVIEW_SIDE`` voxels along y and x (1 for small
+    volumes, which are returned unbinned). Each output voxel is the mean of its block; blocks
+    at the far borders may be partial.
+    """
+    d, h, w = (int(n) for n in volume.shape)
+    factor = max(
+        1,
+        math.ceil(max(h, w) / _PREVIEW_SIDE),
+        math.ceil((d * h * w / _PREVIEW_VOXELS) ** (1 / 3)),
+    )
+    if factor == 1:
+        return np.array(volume, dtype=np.float32)
+    binned = np.zeros([math.ceil(n / factor) for n in (d, h, w)], dtype=np.float64)
+    rows = factor * max(1, _SLAB_VOXELS // (factor * factor * w))  # y rows per read
+    x_blocks = np.arange(0, w, factor)
+    for z0 in range(0, d, factor):
+        for y0 in range(0, h, rows):
+            block = np.asarray(volume[z0 : z0 + factor, y0 : y0 + rows], dtype=np.float64)
+            summed = np.add.reduceat(block.sum(axis=0), np.arange(0, block.shape[1], factor))
+            binned[z0 // factor, y0 // factor : y0 // factor + len(summed)] = np.add.reduceat(
+                summed, x_blocks, axis=1
+            )
+    counts = [np.diff(np.append(np.arange(0, n, factor), n)) for n in (d, h, w)]
+    binned /= counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
+    return binned.astype(np.float32)
