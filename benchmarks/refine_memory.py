@@ -21,6 +21,7 @@ Run: ``python benchmarks/refine_memory.py [--shape D H W] [--subtomo-size S] [--
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import subprocess
 import sys
@@ -86,6 +87,9 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--chans", type=int, default=4)
+    parser.add_argument("--depth", type=int, default=1, help="down-sampling layers")
+    parser.add_argument("--gpu", type=int, nargs="*", default=None, help="GPU indices")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--dir", type=Path, default=None)
     parser.add_argument("--make-halves", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -100,7 +104,7 @@ def main() -> None:
         + [str(n) for n in shape],
         check=True,
     )
-    unet = UNetParams(chans=args.chans, num_downsample_layers=1).model_dump(
+    unet = UNetParams(chans=args.chans, num_downsample_layers=args.depth).model_dump(
         exclude={"in_chans", "out_chans"}
     )
     torch.manual_seed(0)
@@ -119,6 +123,7 @@ def main() -> None:
             "tomo1_files": [folder / "tomo1.mrc"],
             "subtomo_overlap": args.overlap,
             "batch_size": args.batch_size,
+            "gpu": args.gpu,
             "overwrite": True,
         },
     )
@@ -129,6 +134,9 @@ def main() -> None:
     started = time.perf_counter()
     refine_tomogram(config)  # type: ignore[arg-type]
     seconds = time.perf_counter() - started
+    gpu_peak_mib = None
+    if args.gpu:
+        gpu_peak_mib = max(torch.cuda.max_memory_allocated(i) for i in args.gpu) / MIB
     sampler.done.set()
     sampler.join()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -148,6 +156,12 @@ def main() -> None:
         f"(tiles {args.subtomo_size}, overlap {args.overlap}, batch {args.batch_size}, "
         f"{torch.get_num_threads()} threads)\n"
     )
+    if gpu_peak_mib is not None:
+        rows.append(("peak GPU memory allocated (per GPU)", gpu_peak_mib))
+    if args.json is not None:
+        record = {"shape": list(shape), "seconds": seconds, "tomogram_mib": tomo_mib}
+        record |= {name: mib for name, mib in rows}
+        args.json.write_text(json.dumps(record))
     print("| quantity | MiB | × one tomogram |\n|---|---:|---:|")
     for name, mib in rows:
         print(f"| {name} | {mib:.0f} | {mib / tomo_mib:.2f} |")

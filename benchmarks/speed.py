@@ -286,6 +286,47 @@ def fitting_rows(args, device: torch.device) -> list[dict]:
     return rows
 
 
+# (c) refinement of whole tomograms ---------------------------------------------------------------
+
+
+def refinement_rows(args, device: torch.device) -> list[dict]:
+    """Run ``refine_memory.py`` (the pipeline's refinement of a pair of halves) per shape."""
+    import json
+    import subprocess
+
+    script = Path(__file__).with_name("refine_memory.py")
+    if args.quick:
+        shapes, model = [(128, 256, 256), (256, 512, 512)], ["--chans", "4", "--depth", "1"]
+    else:
+        shapes = [(256, 512, 512), (300, 1024, 1024)] + ([(464, 928, 928)] if args.large else [])
+        model = ["--chans", "64", "--depth", "3"]
+    rows = []
+    for shape in shapes:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            cmd = [sys.executable, str(script), "--dir", tmp, "--json", str(out)]
+            cmd += ["--shape", *map(str, shape), "--subtomo-size", "96", "--overlap", "32"]
+            cmd += ["--batch-size", str(args.refine_batch), *model]
+            if device.type == "cuda":
+                cmd += ["--gpu", *map(str, range(args.refine_gpus))]
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            result = json.loads(out.read_text())
+        tomo_mib = result["tomogram_mib"]
+        row = {"section": "refine", "device": _device_name(device), "subtomo": 96}
+        row |= {"chans": int(model[1]), "batch": args.refine_batch}
+        row |= {"tomogram": "×".join(map(str, shape)), "seconds": result["seconds"]}
+        row |= {"tomogram_mb": tomo_mib * 1.048576}
+        anon = result["peak RssAnon - RssAnon before"]
+        row |= {"host_anon_peak_mb": anon * 1.048576, "host_anon_per_tomogram": anon / tomo_mib}
+        peak = result["peak VmHWM (ru_maxrss), incl. mapped file pages"]
+        row |= {"host_rss_peak_mb": peak * 1.048576, "host_rss_per_tomogram": peak / tomo_mib}
+        if "peak GPU memory allocated (per GPU)" in result:
+            row["peak_gpu_mb"] = result["peak GPU memory allocated (per GPU)"] * 1.048576
+        rows.append(row)
+        print(f"refine {row['tomogram']}: {row['seconds']:.1f} s", file=sys.stderr)
+    return rows
+
+
 # (d) scaling from 1 to 2 ranks ------------------------------------------------------------------
 
 
@@ -390,6 +431,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes for a CPU")
     parser.add_argument("--sections", default="fit,refine,scaling")
     parser.add_argument("--workers", type=int, default=None, help="reference loader workers")
+    parser.add_argument("--large", action="store_true", help="also refine 464×928×928")
+    parser.add_argument("--refine-batch", type=int, default=8, help="tiles per forward pass")
+    parser.add_argument("--refine-gpus", type=int, default=1, help="GPUs sharing the tiles")
     parser.add_argument("--csv", type=Path, default=Path(__file__).with_name("speed.csv"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -404,6 +448,9 @@ def main(argv: list[str] | None = None) -> None:
     if "fit" in sections:
         rows += fitting_rows(args, device)
         print(_markdown([r for r in rows if r["section"] == "fit"]))
+    if "refine" in sections:
+        rows += refinement_rows(args, device)
+        print(_markdown([r for r in rows if r["section"] == "refine"]))
     if "scaling" in sections:
         with tempfile.TemporaryDirectory() as tmp:
             rows += scaling_rows(args, device, Path(tmp))
