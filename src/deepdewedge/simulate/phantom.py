@@ -1,4 +1,4 @@
-"""Synthetic cryo-ET data: phantoms, tilt series, noise, even/odd splits and tomograms.
+"""Blob phantoms, projection, noise, even/odd splits and simulated tomograms.
 
 The geometry matches :mod:`deepdewedge.reconstruct.backproject`: volumes are `(z, y, x)`, the
 tilt axis is y, and a positive tilt rotates the sample from z towards x (IMOD-like), so that a
