@@ -82,3 +82,15 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         load_checkpoint(other)
     with pytest.raises(InputError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "none.ckpt")
+
+
+def test_outputs_get_the_usual_file_mode_not_a_private_one(tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        path = write_volume(tmp_path / "v.mrc", np.zeros((4, 4, 4), np.float32))
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -62,6 +62,8 @@ def atomic_write(
         raise InputError(
             f"{path.parent}: cannot write in this folder ({err.strerror}); {fix}"
         ) from None
+    # mkstemp makes the file private (0600); give it the mode a plain open() would have.
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     try:
         yield Path(tmp)
@@ -70,6 +72,12 @@ def atomic_write(
         raise InputError(f"{path}: cannot write it ({err.strerror}); {fix}") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
