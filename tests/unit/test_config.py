@@ -4,6 +4,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -76,7 +77,7 @@ FIT = {
     "rotate": st.booleans(),
     "wedge_mask": st.booleans(),
     "interpolation": st.sampled_from(["cubic", "linear"]),
-    "precision": st.sampled_from(["32", "bf16-mixed"]),
+    "precision": st.sampled_from(["auto", "32", "bf16-mixed"]),
     "resume": st.booleans(),
     "overwrite": st.booleans(),
 }
@@ -250,3 +251,16 @@ def test_command_line_errors_name_the_option():
 def test_error_messages_name_where_to_fix(sections, start):
     message = _error("prepare_data", sections)
     assert message.startswith(start) and "; " in message
+
+
+@pytest.mark.parametrize("value", [32, "32"])
+def test_precision_32_from_yaml_numbers_and_strings(value):
+    assert step_config("fit_model", overrides={"precision": value}).precision == "32"
+
+
+def test_precision_auto_is_float32_on_the_cpu():
+    from deepdewedge.pipeline.common import resolve_precision
+
+    assert step_config("fit_model").precision == "auto"
+    assert resolve_precision("auto", torch.device("cpu")) == "32"
+    assert resolve_precision("bf16-mixed", torch.device("cpu")) == "bf16-mixed"
