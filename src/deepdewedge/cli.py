@@ -404,7 +404,10 @@ def refine_tomogram_cmd(
     recompute_normalization: Annotated[bool | None, typer.Option()] = None,
     output_dir: Annotated[Path | None, typer.Option()] = None,
     precision: Annotated[str | None, typer.Option()] = None,
-    gpu: GpuOpt = None,
+    gpu: Annotated[
+        list[int] | None,
+        typer.Option(help="GPU index; repeat to split the tiles over several; omit for the CPU."),
+    ] = None,
     overwrite: Annotated[bool | None, typer.Option(help="Replace refined tomograms.")] = None,
 ) -> None:
     """Apply a fitted model to whole tomograms in overlapping, blended tiles."""
