@@ -15,7 +15,8 @@ reports, against the size of one tomogram:
 The baselines are taken after the imports and the model are loaded, just before refining.
 
 Run: ``python benchmarks/refine_memory.py [--shape D H W] [--subtomo-size S] [--overlap O]
-[--batch-size B] [--dir FOLDER]``.
+[--batch-size B] [--dir FOLDER]``. The files (about five tomograms' worth of disk) go to
+FOLDER, which is kept, or to a temporary folder, which is deleted at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,14 +92,26 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=1, help="down-sampling layers")
     parser.add_argument("--gpu", type=int, nargs="*", default=None, help="GPU indices")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--dir", type=Path, default=None, help="keep the files here")
     parser.add_argument("--make-halves", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    shape = tuple(args.shape)
-    folder = args.dir or Path(tempfile.mkdtemp(prefix="ddw-refine-memory-"))
     if args.make_halves:
-        make_halves(folder, shape)
+        make_halves(args.dir, tuple(args.shape))
         return
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
+        measure(args, args.dir)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="ddw-refine-memory-"))
+    try:
+        measure(args, folder)
+    finally:
+        shutil.rmtree(folder)
+
+
+def measure(args: argparse.Namespace, folder: Path) -> None:
+    """Write the halves and a model into `folder`, refine them and print the table."""
+    shape = tuple(args.shape)
     # In a child process, so that writing the inputs does not count in this one's peak.
     subprocess.run(
         [sys.executable, __file__, "--make-halves", "--dir", str(folder), "--shape"]

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from deepdewedge.io.mrc import release_planes
 from deepdewedge.tiling import (
     blending_weights,
     extract_windows,
@@ -131,7 +132,11 @@ def refine_volume(
     along z: its planes are zeroed just before the first tile reaches them and divided by the
     total weight as soon as the last tile has passed. A memory-mapped `out` is thus touched
     only a few tile-thick slabs at a time, and host memory holds about one batch of tiles per
-    device. No Fourier transform of the tomogram, or of anything larger than a tile, is made.
+    device. The planes of a memory-mapped `out` and `tomo` behind the sweep are released from
+    the process's resident memory as soon as the sweep has passed them
+    (:func:`deepdewedge.io.mrc.release_planes`), so its peak resident set, mapped file pages
+    included, is a window of slabs whatever the tomogram's depth. No Fourier transform of the
+    tomogram, or of anything larger than a tile, is made.
 
     **Devices.** On CUDA, tiles go through pinned host memory with asynchronous copies, and
     the next batch is queued on the device before the previous one is added into `out`, so
@@ -202,6 +207,8 @@ def refine_volume(
                 final = shape[0] if done == total else min(max(int(starts[done, 0]), 0), shape[0])
                 if final > normalised:
                     _normalise(out, norm_z, norm_yx, normalised, final)
+                    release_planes(out, normalised, final)
+                    release_planes(tomo, normalised, final)
                     normalised = final
                 if progress is not None:
                     progress(done, total)

@@ -2,6 +2,10 @@
 
 import functools
 import json
+import mmap
+import subprocess
+import sys
+import textwrap
 import tracemalloc
 
 import mrcfile
@@ -14,7 +18,7 @@ from deepdewedge import refine_tomogram
 from deepdewedge.config import UNetParams, step_config
 from deepdewedge.io import mrc as mrc_module
 from deepdewedge.io.checkpoint import save_checkpoint
-from deepdewedge.io.mrc import InputError
+from deepdewedge.io.mrc import InputError, map_volume
 from deepdewedge.pipeline import common
 from deepdewedge.pipeline import refining as refining_module
 from deepdewedge.pipeline.fitting import build_model, load_model
@@ -214,6 +218,15 @@ def test_previews_are_block_means(monkeypatch):
         assert preview[index] == pytest.approx(block.mean(), abs=1e-6)
 
 
+@pytest.mark.parametrize("slab_voxels", [1, 3 * 28 * 24, 1 << 22])
+def test_streamed_mean_and_std_of_a_memory_map(tmp_path, slab_voxels):
+    volume, _ = map_volume(_halves(tmp_path)[0])
+    mean, std = common.mean_std(volume, slab_voxels=slab_voxels)
+    values = np.asarray(volume, dtype=np.float64)
+    assert mean == pytest.approx(values.mean(), rel=1e-12, abs=1e-12)
+    assert std == pytest.approx(values.std(), rel=1e-9)
+
+
 @pytest.mark.parametrize(
     ("gpu", "message"),
     [([0, 0], "names a GPU more than once"), ([-1, 1], "mixes the CPU")],
@@ -229,3 +242,68 @@ def test_several_gpus_must_be_visible(tmp_path, checkpoint):
     with pytest.raises(InputError, match="was requested but"):
         refine_tomogram(_config(tmp_path, checkpoint, halves, gpu=[0, 1]))
     assert not (tmp_path / "proj/refined_tomograms").exists()
+
+
+# Refines a pair of halves in a fresh process and prints how much its peak resident set
+# (VmHWM, mapped file pages included) grew over the resident set before refining. A small pair
+# is refined first, so that lazy imports and first allocations do not count; host slabs,
+# checksum reads and the figure, which cost the same whatever the tomogram's size, are kept
+# small or left out.
+_PEAK_GROWTH = textwrap.dedent(
+    """
+    import functools, json, sys
+    from deepdewedge import refine
+    from deepdewedge.config import step_config
+    from deepdewedge.io import mrc
+    from deepdewedge.pipeline import common, refining
+
+    checkpoint, warm, main = sys.argv[1:]
+    for module in (refine, refining, mrc):
+        module._SLAB_VOXELS = 1 << 17  # two planes of 256 x 256
+    common.sha256 = functools.partial(common.sha256, chunk=1 << 16)
+    refining.orthoslice_figure = lambda volumes: None
+    refining.save_figure = lambda figure, path: path
+
+    def kib(field):
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith(field))
+
+    def refine_pair(folder):
+        refining.refine_tomogram(step_config("refine_tomogram", overrides={
+            "project_dir": folder + "/proj", "model_checkpoint_file": checkpoint,
+            "tomo0_files": [folder + "/tomo0.mrc"], "tomo1_files": [folder + "/tomo1.mrc"],
+            "subtomo_size": 16, "subtomo_overlap": 4, "batch_size": 8,
+        }))
+
+    refine_pair(warm)
+    before = kib("VmRSS:")
+    refine_pair(main)
+    print(json.dumps({"growth_kib": kib("VmHWM:") - before}))
+    """
+)
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and hasattr(mmap, "MADV_DONTNEED")),
+    reason="needs Linux: /proc/self/status and madvise(MADV_DONTNEED)",
+)
+def test_peak_resident_memory_is_a_window_of_slabs(tmp_path, checkpoint):
+    shape = (128, 256, 256)
+    for name, size in [("warm", (8, 48, 48)), ("main", shape)]:
+        (tmp_path / name).mkdir()
+        _halves(tmp_path / name, size)
+
+    child = subprocess.run(
+        [sys.executable, "-c", _PEAK_GROWTH, str(checkpoint)]
+        + [str(tmp_path / name) for name in ("warm", "main")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+    growth = 1024 * json.loads(child.stdout.splitlines()[-1])["growth_kib"]
+    volume_bytes = 4 * int(np.prod(shape))
+    # Inputs and outputs kept resident once touched would add up to several volumes.
+    assert growth < volume_bytes, f"{growth / 1e6:.1f} MB for {volume_bytes / 1e6:.1f} MB halves"
+    refined = tmp_path / "main/proj/refined_tomograms/tomo0+tomo1_refined.mrc"
+    assert mrcfile.read(refined).shape == shape

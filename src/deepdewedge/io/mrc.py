@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import warnings
 from collections.abc import Iterator
@@ -14,7 +15,14 @@ import numpy as np
 from deepdewedge.io.atomic import atomic_write
 from deepdewedge.io.errors import InputError
 
-__all__ = ["InputError", "map_volume", "new_volume", "read_volume", "write_volume"]
+__all__ = [
+    "InputError",
+    "map_volume",
+    "new_volume",
+    "read_volume",
+    "release_planes",
+    "write_volume",
+]
 
 # Voxels per z slab when a memory-mapped volume is swept slab by slab (16 MB of float32).
 _SLAB_VOXELS = 1 << 22
@@ -226,6 +234,7 @@ def _set_header_stats(header: np.recarray, data: np.ndarray) -> None:
     low, high = np.inf, -np.inf
     for z0 in range(0, data.shape[0], step):
         slab = np.asarray(data[z0 : z0 + step], dtype=np.float64)
+        release_planes(data, z0, z0 + step)
         n, slab_mean = slab.size, float(slab.mean())
         slab_m2 = float(np.square(slab - slab_mean).sum())
         delta = slab_mean - mean
@@ -239,3 +248,56 @@ def _set_header_stats(header: np.recarray, data: np.ndarray) -> None:
     header.dmin, header.dmax = np.float32(low), np.float32(high)
     header.dmean = np.float32(mean)
     header.rms = np.float32(np.sqrt(m2 / count))
+
+
+def release_planes(volume: object, z0: int, z1: int) -> None:
+    """Write back planes ``z0:z1`` of a memory-mapped volume and drop them from resident memory.
+
+    A memory-mapped file's pages that the process has touched stay in its resident set (as
+    ``RssFile``, counted in its peak ``VmHWM``) for as long as the file is mapped, so a sweep
+    over a large volume would end with all of it resident. Releasing the planes behind the
+    sweep keeps the resident set to a window of slabs. Nothing is lost: the planes are written
+    back to the file first, and reading or writing them again later faults them back in from
+    the file, so the call only costs time if the planes are used again.
+
+    Parameters
+    ----------
+    volume
+        `(d, h, w)` array. Nothing happens unless it is a C-contiguous view of a memory map
+        (`np.memmap`, ``mrcfile`` data) and the platform has ``madvise(MADV_DONTNEED)``
+        (Linux, the BSDs, macOS); other arrays and tensors are left alone.
+    z0, z1
+        The planes to release; clipped to ``[0, d)``.
+
+    Notes
+    -----
+    The byte range is widened to whole pages, so the planes on either side may share a page
+    with it and be released too; they are faulted back in when used. Changes are written back
+    with ``msync`` before ``madvise(MADV_DONTNEED)`` drops the pages from the mapping; they
+    remain in the operating system's page cache, which is not part of the process's memory.
+    """
+    if not isinstance(volume, np.ndarray) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    mapping = _mapping(volume)
+    if mapping is None:
+        return
+    z0, z1 = max(z0, 0), min(z1, volume.shape[0])
+    if z1 <= z0 or volume.size == 0:
+        return
+    origin = np.frombuffer(mapping, dtype=np.uint8).ctypes.data
+    plane = volume.strides[0]
+    begin = volume.ctypes.data - origin + z0 * plane
+    end = min(begin + (z1 - z0) * plane, len(mapping))
+    begin -= begin % mmap.PAGESIZE
+    mapping.flush(begin, end - begin)  # does nothing for read-only maps
+    mapping.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
+
+def _mapping(volume: np.ndarray) -> mmap.mmap | None:
+    """The open memory map under the data of a C-contiguous array, or None."""
+    if not volume.flags.c_contiguous:
+        return None
+    base = volume.base
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base if isinstance(base, mmap.mmap) else None

@@ -19,6 +19,7 @@ import torch
 from deepdewedge import __version__
 from deepdewedge.io.atomic import atomic_write
 from deepdewedge.io.errors import InputError
+from deepdewedge.io.mrc import release_planes
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,17 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
         json.dump(payload, handle, indent=2, default=str)
 
 
-def mean_std(volume: np.ndarray, chunk: int = 16) -> tuple[float, float]:
-    """Mean and standard deviation in float64, streamed over z slabs (memory-mapped input)."""
+def mean_std(volume: np.ndarray, *, slab_voxels: int = 1 << 22) -> tuple[float, float]:
+    """Mean and standard deviation in float64, streamed over z slabs of about `slab_voxels`.
+
+    Each slab of a memory-mapped volume is released once read, so that the pass does not
+    leave the whole file resident.
+    """
+    step = max(1, slab_voxels // max(1, int(volume.shape[1]) * int(volume.shape[2])))
     total, total_sq, n = 0.0, 0.0, 0
-    for z in range(0, volume.shape[0], chunk):
-        slab = np.asarray(volume[z : z + chunk], dtype=np.float64)
+    for z in range(0, volume.shape[0], step):
+        slab = np.asarray(volume[z : z + step], dtype=np.float64)
+        release_planes(volume, z, z + step)
         total += slab.sum()
         total_sq += np.square(slab).sum()
         n += slab.size

@@ -19,7 +19,7 @@ from deepdewedge.config import (
 )
 from deepdewedge.evaluate.figures import orthoslice_figure
 from deepdewedge.io.atomic import remove_stale_temporaries
-from deepdewedge.io.mrc import InputError, map_volume, new_volume
+from deepdewedge.io.mrc import InputError, map_volume, new_volume, release_planes
 from deepdewedge.pipeline.common import (
     check_writable,
     mean_std,
@@ -51,8 +51,10 @@ def refine_tomogram(
     (the paper's step 3). Returns the written paths.
 
     Inputs are memory-mapped and outputs are refined straight into memory-mapped temporary
-    files that are renamed into place when complete, so host memory stays at a few tiles and
-    slabs whatever the tomogram's size (plus what the operating system caches of the files).
+    files that are renamed into place when complete. Every pass over them releases the pages
+    it has finished with (:func:`deepdewedge.io.mrc.release_planes`), so host memory, mapped
+    file pages included, stays at a few tiles and slabs whatever the tomogram's size (plus
+    what the operating system caches of the files, outside the process).
     Several GPUs in ``gpu`` share the tiles of each tomogram.
     """
     ckpt = config.model_checkpoint_file or best_checkpoint(log_dir(config) / "checkpoints")
@@ -87,7 +89,7 @@ def refine_tomogram(
         shapes = set()
         for f in files:
             tomo, voxel_size = map_volume(f)
-            mean, std = mean_std(tomo, chunk=_slab_planes(tomo.shape))
+            mean, std = mean_std(tomo, slab_voxels=_SLAB_VOXELS)
             if not np.isfinite(std):
                 raise InputError(f"{f}: contains NaN or Inf voxels; fix them before refining")
             shapes.add(tomo.shape)
@@ -181,7 +183,8 @@ def _slab_planes(shape: tuple[int, ...]) -> int:
 def _average_and_difference(first: np.ndarray, second: np.ndarray) -> None:
     """Replace `first` by ``(first + second) / 2`` and `second` by ``first - second``.
 
-    Both `(d, h, w)` arrays (memory maps) are updated in place, one z slab at a time.
+    Both `(d, h, w)` arrays (memory maps) are updated in place, one z slab at a time, and each
+    slab is released once written.
     """
     step = _slab_planes(first.shape)
     for z0 in range(0, first.shape[0], step):
@@ -189,6 +192,8 @@ def _average_and_difference(first: np.ndarray, second: np.ndarray) -> None:
         b = np.array(second[z0 : z0 + step])
         first[z0 : z0 + step] = (a + b) / 2
         second[z0 : z0 + step] = a - b
+        release_planes(first, z0, z0 + step)
+        release_planes(second, z0, z0 + step)
 
 
 def _preview(volume: np.ndarray) -> np.ndarray:
@@ -197,7 +202,7 @@ def _preview(volume: np.ndarray) -> np.ndarray:
     The bin factor is the smallest integer that brings the volume to at most
     ``_PREVIEW_VOXELS`` voxels and ``_PREVIEW_SIDE`` voxels along y and x (1 for small
     volumes, which are returned unbinned). Each output voxel is the mean of its block; blocks
-    at the far borders may be partial.
+    at the far borders may be partial. The planes of a memory map are released once read.
     """
     d, h, w = (int(n) for n in volume.shape)
     factor = max(
@@ -217,6 +222,7 @@ def _preview(volume: np.ndarray) -> np.ndarray:
             binned[z0 // factor, y0 // factor : y0 // factor + len(summed)] = np.add.reduceat(
                 summed, x_blocks, axis=1
             )
+        release_planes(volume, z0, z0 + factor)
     counts = [np.diff(np.append(np.arange(0, n, factor), n)) for n in (d, h, w)]
     binned /= counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
     return binned.astype(np.float32)
