@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from deepdewedge.io.mrc import release_planes
+from deepdewedge.model.denormals import flush_denormals
 from deepdewedge.tiling import (
     blending_weights,
     extract_windows,
@@ -42,6 +43,7 @@ _SLAB_VOXELS = 1 << 22
 _QUEUE_DEPTH = 2
 
 
+@flush_denormals()
 def refine_volume(
     model: torch.nn.Module,
     tomo: torch.Tensor | np.ndarray,

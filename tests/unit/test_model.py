@@ -109,3 +109,16 @@ def test_model_input_statistics_standardise_the_inputs():
     assert abs(z.mean().item()) < 1e-4 and z.std().item() == pytest.approx(1.0, abs=1e-3)
     # The extra wedge (and interpolation) remove power from white noise of std 2.
     assert loc == pytest.approx(3.0, abs=0.15) and 1.0 < scale < 2.0
+
+
+def test_denormals_are_flushed_inside_and_restored_after():
+    import torch
+
+    from deepdewedge.model.denormals import flush_denormals
+
+    tiny = torch.tensor([1e-40], dtype=torch.float32)  # a float32 denormal
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    with flush_denormals():
+        assert float(tiny * 1.0) == 0.0
+    assert float(tiny * 1.0) != 0.0

@@ -21,6 +21,7 @@ from deepdewedge.fit.wedge_update import fill_missing_wedges
 from deepdewedge.fourier import missing_wedge_mask
 from deepdewedge.io.checkpoint import load_checkpoint, save_checkpoint
 from deepdewedge.io.mrc import InputError
+from deepdewedge.model.denormals import flush_denormals
 from deepdewedge.model.unet import DeWedgeModel
 from deepdewedge.rotation import sample_rotations
 
@@ -390,6 +391,7 @@ class CheckpointWriter:
             self.best[metric] = [(float(v), n) for v, n in ranked if (self.dir / n).exists()]
 
 
+@flush_denormals()
 def fit(
     model: DeWedgeModel,
     banks: Banks,
