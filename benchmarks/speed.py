@@ -51,6 +51,7 @@ from deepdewedge.fit.bank import bank_size
 from deepdewedge.fit.batch import make_batch
 from deepdewedge.fit.loss import loss_weights, masked_fourier_loss
 from deepdewedge.fourier import missing_wedge_mask, wedge_test
+from deepdewedge.model.denormals import flush_denormals
 from deepdewedge.model.unet import DeWedgeModel
 from deepdewedge.rotation import sample_rotations
 
@@ -161,8 +162,12 @@ def _random_crops(n: int, size: int, device: torch.device | str = "cpu") -> torc
 def measure_ours(
     size: int, chans: int, batch: int, steps: int, device: torch.device, variant: str
 ) -> dict:
-    """Samples/s of our fitting step; `variant` is "fp32", "bf16" or "bf16+channels_last"."""
+    """Samples/s of our fitting step.
+
+    `variant` is "fp32" or "bf16", optionally with "+channels_last" and/or "+compile".
+    """
     model = _model(chans, device, channels_last="channels_last" in variant)
+    network = torch.compile(model) if "compile" in variant else model
     optimizer = torch.optim.Adam(model.parameters(), lr=4e-4)
     bank = bank_size(size)
     crops0 = _random_crops(4 * batch, bank, device)
@@ -183,7 +188,7 @@ def measure_ours(
             generator=generator,
         )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            output = model(b.model_input)
+            output = network(b.model_input)
         loss = masked_fourier_loss(output, b.target, loss_weights(mw_mask, b.rot_mw_mask))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -263,7 +268,9 @@ def training_flops_per_sample(size: int, chans: int) -> float:
 def fitting_rows(args, device: torch.device) -> list[dict]:
     rows = []
     peak = device_peak_tflops(device)
-    variants = ["fp32"] if device.type == "cpu" else ["fp32", "bf16", "bf16+channels_last"]
+    variants = ["fp32"]
+    if device.type == "cuda":
+        variants += ["bf16", "bf16+channels_last", "bf16+compile"]
     for size in args.sizes:
         for chans in args.chans:
             flops = training_flops_per_sample(size, chans)
@@ -446,7 +453,8 @@ def main(argv: list[str] | None = None) -> None:
     sections = set(args.sections.split(","))
     rows: list[dict] = []
     if "fit" in sections:
-        rows += fitting_rows(args, device)
+        with flush_denormals():  # as in ddw fit-model; both pipelines share the U-Net
+            rows += fitting_rows(args, device)
         print(_markdown([r for r in rows if r["section"] == "fit"]))
     if "refine" in sections:
         rows += refinement_rows(args, device)
