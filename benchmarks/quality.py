@@ -27,7 +27,7 @@ Prints a table of mean and range (best, worst) over the seeds, and writes ``qual
 ``--output`` (default ``benchmarks/quality_results``).
 
 Run: ``python benchmarks/quality.py`` (CPU profile: 64×128×128 voxels, 32³ sub-tomograms,
-U-Net with 16 channels and 2 down-samplings, 40 epochs, 3 seeds). ``--profile gpu`` runs a
+U-Net with 8 channels and 2 down-samplings, 40 epochs, 3 seeds). ``--profile gpu`` runs a
 larger setting (128×320×320, 64³ sub-tomograms, 32 channels, 3 down-samplings, 200 epochs)
 on a GPU; ``--seeds 1 --snr 0.25`` make quick checks.
 """
@@ -54,7 +54,7 @@ PROFILES = {
         "shape": (64, 128, 128),
         "subtomo_size": 32,
         "strides": [16, 24, 24],
-        "unet": {"chans": 16, "num_downsample_layers": 2},
+        "unet": {"chans": 8, "num_downsample_layers": 2},
         "epochs": 40,
         "batch_size": 8,
         "lr": 1e-3,
@@ -291,6 +291,19 @@ def figure(summary: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def read_rows(path: Path) -> list[dict]:
+    """Rows of an earlier, possibly interrupted run, or none."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for key, value in row.items():
+            if key != "method":
+                row[key] = int(value) if key in ("seed", "n_particles") else float(value)
+    return rows
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     tmp = path.with_name(f".{path.name}.tmp")
@@ -320,10 +333,15 @@ def main(argv: list[str] | None = None) -> None:
         f"U-Net {profile['unet']}, {profile['epochs']} epochs",
         flush=True,
     )
-    rows: list[dict] = []
+    rows = read_rows(args.output / "quality.csv")
+    done = {(r["snr"], r["seed"]) for r in rows}
     started = time.perf_counter()
-    for snr in args.snr:
-        for seed in range(args.seeds):
+    # Seeds outermost, so that an interrupted run has covered every SNR; finished runs found
+    # in quality.csv are kept and not repeated.
+    for seed in range(args.seeds):
+        for snr in args.snr:
+            if (snr, seed) in done:
+                continue
             rows += run_one(snr, seed, profile, args.output / f"snr{snr:.3f}_seed{seed}")
             write_csv(args.output / "quality.csv", rows)
     summary = summarise(rows)
