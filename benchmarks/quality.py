@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import time
 from pathlib import Path
 
@@ -46,6 +45,7 @@ import torch
 
 from deepdewedge import pipeline
 from deepdewedge.config import step_config
+from deepdewedge.pipeline.common import save_figure, write_csv
 from deepdewedge.pipeline.evaluation import evaluate
 from deepdewedge.pipeline.simulation import simulate, simulate_config
 
@@ -285,10 +285,8 @@ def figure(summary: list[dict], path: Path) -> None:
             ax.invert_yaxis()  # lower is better: better stays on top, as for CC
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -302,16 +300,6 @@ def read_rows(path: Path) -> list[dict]:
             if key != "method":
                 row[key] = int(value) if key in ("seed", "n_particles") else float(value)
     return rows
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:

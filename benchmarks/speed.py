@@ -36,7 +36,6 @@ rows to one CSV (default: ``benchmarks/speed.csv``).
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -53,6 +52,7 @@ from deepdewedge.fit.loss import loss_weights, masked_fourier_loss
 from deepdewedge.fourier import missing_wedge_mask, wedge_test
 from deepdewedge.model.denormals import flush_denormals
 from deepdewedge.model.unet import DeWedgeModel
+from deepdewedge.pipeline.common import write_csv
 from deepdewedge.rotation import sample_rotations
 
 MW_ANGLE_DEG = 60.0
@@ -463,18 +463,8 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             rows += scaling_rows(args, device, Path(tmp))
         print(_markdown([r for r in rows if r["section"] == "scaling"]))
-    _write_csv(args.csv, rows)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    print(f"wrote {path}", file=sys.stderr)
+    write_csv(args.csv, rows)
+    print(f"wrote {args.csv}", file=sys.stderr)
 
 
 if __name__ == "__main__":

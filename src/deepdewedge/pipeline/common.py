@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -76,6 +77,16 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write a JSON record atomically."""
     with atomic_write(path) as tmp, open(tmp, "w") as handle:
         json.dump(payload, handle, indent=2, default=str)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+    """Write dict rows as a CSV table atomically; columns default to all keys, in order."""
+    if columns is None:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def mean_std(volume: np.ndarray, *, slab_voxels: int = 1 << 22) -> tuple[float, float]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import shutil
 from pathlib import Path
@@ -20,7 +19,6 @@ from deepdewedge.evaluate.figures import loss_curve_figure
 from deepdewedge.fit import distributed
 from deepdewedge.fit.distributed import DistContext
 from deepdewedge.fit.loop import Callbacks, FitSettings, fit
-from deepdewedge.io.atomic import atomic_write
 from deepdewedge.io.checkpoint import load_checkpoint
 from deepdewedge.io.mrc import InputError
 from deepdewedge.model.unet import DeWedgeModel
@@ -30,6 +28,7 @@ from deepdewedge.pipeline.common import (
     resolve_device,
     resolve_precision,
     save_figure,
+    write_csv,
 )
 from deepdewedge.pipeline.prepare import load_banks, subtomo_dir
 
@@ -198,10 +197,7 @@ def _tensorboard(logs: Path) -> Any:
 
 def write_loss_csv(path: Path, history: list[dict[str, Any]]) -> None:
     """One row per epoch: epoch, fitting_loss, val_loss (empty when not computed)."""
-    with atomic_write(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["epoch", "fitting_loss", "val_loss"])
-        writer.writeheader()
-        writer.writerows(history)
+    write_csv(path, history, ["epoch", "fitting_loss", "val_loss"])
 
 
 def best_checkpoint(ckpt_dir: Path) -> Path:
