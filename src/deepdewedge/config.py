@@ -242,10 +242,13 @@ def check_overlap(subtomo_overlap: int, subtomo_size: int) -> None:
 
 
 class ReconstructConfig(_Step):
-    """``ddw reconstruct``: tomo0, tomo1 and the full tomogram from an aligned tilt series."""
+    """``ddw reconstruct``: tomo0, tomo1 and the full tomogram from a tilt series."""
 
     tilt_series: Path
+    # Raw stack + alignment: IMOD .xf, AreTomo .aln, Warp .xml or RELION-5 tilt-series .star
+    alignment: Path | None = None
     tilt_angles: Path | None = None  # IMOD .tlt / .rawtlt
+    x_tilt_file: Path | None = None  # IMOD .xtilt
     mdoc: Path | None = None  # SerialEM: angles, acquisition order, dose, defocus
     even_frames: Path | None = None  # frame-sum stacks of the even / odd movie frames
     odd_frames: Path | None = None
@@ -269,6 +272,14 @@ class ReconstructConfig(_Step):
     voltage_kv: float = Field(300.0, gt=0)
     spherical_aberration_mm: float = Field(2.7, ge=0)
     amplitude_contrast: float = Field(0.07, ge=0, lt=1)
+    # Real-data preprocessing of every view, each switched off on its own.
+    normalize_tilts: bool = True  # zero mean, unit standard deviation per view
+    log_counts: bool = False  # take the log of the counts before normalising
+    taper_px: int = Field(32, ge=0)  # border fade, unbinned px, at most 1/16 of the image; 0: off
+    dose_filter: bool = True  # exposure filter where the pre-exposure of every view is known
+    erase_gold: bool = True  # erase gold fiducials where they are found
+    gold_diameter_nm: float | None = Field(None, gt=0)  # default: measured from the images
+    write_aligned_stack: bool = False  # also write the preprocessed, aligned, binned stack
     output_dir: Path | None = None  # default: {project_dir}/tomograms
     overwrite: bool = False
 
@@ -281,9 +292,10 @@ class ReconstructConfig(_Step):
                 "split 'frames' needs even_frames and odd_frames; give them, or choose "
                 "split even-odd or random"
             )
-        if self.tilt_angles is None and self.mdoc is None:
+        if self.tilt_angles is None and self.mdoc is None and self.alignment is None:
             raise ValueError(
-                "no tilt angles; give tilt_angles (.tlt/.rawtlt) or mdoc (SerialEM .mdoc)"
+                "no tilt angles; give tilt_angles (.tlt/.rawtlt), mdoc (SerialEM .mdoc) or an "
+                "alignment (.xf with .tlt, .aln, Warp .xml, RELION-5 .star)"
             )
         return self
 

@@ -1,4 +1,4 @@
-"""Step 1: tomo0, tomo1 and the full tomogram from an aligned tilt series."""
+"""Step 1: tomo0, tomo1 and the full tomogram from a tilt series (raw + alignment, or aligned)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from deepdewedge.config import (
     ReconstructConfig,
 )
+from deepdewedge.io.geometry import TiltSeriesGeometry
 from deepdewedge.io.mrc import InputError, read_volume, write_volume
 from deepdewedge.io.tilts import (
     acquisition_order_from_angles,
@@ -29,37 +30,80 @@ from deepdewedge.pipeline.common import (
 from deepdewedge.reconstruct.backproject import weighted_backprojection
 from deepdewedge.reconstruct.binning import bin_images
 from deepdewedge.reconstruct.ctf import phase_flip_tilt_series, wiener_deconvolve_volume
+from deepdewedge.reconstruct.preprocess import (
+    align_tilts,
+    exposure_filter,
+    normalize_tilts,
+    rotate_about_x,
+    taper_borders,
+)
 from deepdewedge.reconstruct.split import even_odd_indices, random_fraction_indices
 
 log = logging.getLogger(__name__)
 
 
-def _tilt_metadata(config: ReconstructConfig, n_tilts: int) -> dict[str, Any]:
-    """Angles, acquisition order (stack indices in acquisition sequence) and defocus."""
-    source = config.mdoc or config.tilt_angles
+def find_gold(*args, **kwargs):  # placeholder until fiducials land
+    return {}
+
+
+erase_gold_in_views = gold_figure = None
+
+
+def _tilt_metadata(
+    config: ReconstructConfig, n_tilts: int, pixel: float
+) -> tuple[TiltSeriesGeometry, np.ndarray, str]:
+    """The geometry, the stack indices in acquisition sequence, and where that came from.
+
+    The geometry comes from the alignment file, else from the angles; an .mdoc's dose and
+    defocus, then a defocus file, replace what the alignment carries. The acquisition order
+    comes from the .mdoc, else from the pre-exposure, else from the acquisition scheme.
+    """
     mdoc = read_mdoc(config.mdoc) if config.mdoc is not None else None
-    if config.tilt_angles is not None:
-        angles = read_tilt_angles(config.tilt_angles)
-    else:
-        assert mdoc is not None
-        angles = mdoc.angles_deg
-    if len(angles) != n_tilts:
-        raise InputError(
-            f"{source}: {len(angles)} tilt angles for a stack of {n_tilts} images; give the "
-            "angle file that belongs to this tilt series"
+    if config.alignment is not None:
+        from deepdewedge.io.alignment import read_alignment
+
+        geometry = read_alignment(
+            config.alignment,
+            n_views=n_tilts,
+            pixel_size_angstrom=pixel,
+            tilt_angles=config.tilt_angles,
+            x_tilt_file=config.x_tilt_file,
         )
+    else:
+        source = config.tilt_angles or config.mdoc
+        if config.tilt_angles is not None:
+            angles = read_tilt_angles(config.tilt_angles)
+        else:
+            assert mdoc is not None
+            angles = mdoc.angles_deg
+        if len(angles) != n_tilts:
+            raise InputError(
+                f"{source}: {len(angles)} tilt angles for a stack of {n_tilts} images; give "
+                "the angle file that belongs to this tilt series"
+            )
+        geometry = TiltSeriesGeometry(tilt_angle_deg=angles, source=str(source))
+    order = None
     if mdoc is not None and len(mdoc.angles_deg) == n_tilts:
         # The mdoc gives each tilt's position in the sequence; we need the inverse.
-        order = np.argsort(np.asarray(mdoc.acquisition_order), kind="stable")
-    else:
-        positions = acquisition_order_from_angles(angles, scheme=config.acquisition_scheme)
-        order = np.argsort(np.asarray(positions), kind="stable")
-    defocus = None
+        order, order_source = np.argsort(mdoc.acquisition_order, kind="stable"), "mdoc"
+        changes: dict[str, Any] = {}
+        if np.isfinite(mdoc.prior_dose_e_per_a2).all():
+            changes["pre_exposure_e_per_a2"] = mdoc.prior_dose_e_per_a2
+        if mdoc.defocus_um is not None:
+            changes["defocus_um"] = mdoc.defocus_um
+        geometry = geometry.with_changes(**changes)
     if config.defocus_file is not None:
-        defocus = read_defocus(config.defocus_file, n_tilts=n_tilts)
-    elif mdoc is not None and mdoc.defocus_um is not None:
-        defocus = np.asarray(mdoc.defocus_um)
-    return {"angles": np.asarray(angles, dtype=np.float64), "order": order, "defocus": defocus}
+        geometry = geometry.with_changes(
+            defocus_um=read_defocus(config.defocus_file, n_tilts=n_tilts)
+        )
+    if order is None and geometry.has_dose:
+        order, order_source = geometry.acquisition_order(), "dose"
+    if order is None:
+        positions = acquisition_order_from_angles(
+            geometry.tilt_angle_deg, scheme=config.acquisition_scheme
+        )
+        order, order_source = np.argsort(positions, kind="stable"), config.acquisition_scheme
+    return geometry, order, order_source
 
 
 def reconstruct(
@@ -90,8 +134,8 @@ def reconstruct(
     )
     pixel = config.pixel_size_angstrom or header_pixel
     n_tilts = stack.shape[0]
-    meta = _tilt_metadata(config, n_tilts)
-    keep = np.ones(n_tilts, dtype=bool)
+    geometry, acquisition, order_source = _tilt_metadata(config, n_tilts, pixel)
+    keep = ~geometry.excluded
     for view in config.exclude_views:
         if not 1 <= view <= n_tilts:
             raise InputError(
@@ -99,6 +143,11 @@ def reconstruct(
                 f"1..{n_tilts} (IMOD numbering)"
             )
         keep[view - 1] = False
+    if keep.sum() < 2:
+        raise InputError(
+            f"{config.tilt_series}: {int(keep.sum())} view(s) left after exclusions; keep at "
+            "least two views per half"
+        )
     if config.bin * 2 > min(stack.shape[1:]):
         raise InputError(f"{config.tilt_series}: bin {config.bin} leaves too few pixels")
     device = resolve_device(config.gpu)
@@ -106,14 +155,52 @@ def reconstruct(
     # Acquisition sequence restricted to the kept views, renumbered to the kept stack.
     renumber = -np.ones(n_tilts, dtype=np.int64)
     renumber[kept] = np.arange(len(kept))
-    order = renumber[meta["order"][keep[meta["order"]]]]
-    angles = torch.from_numpy(meta["angles"][kept])
-    defocus = None if meta["defocus"] is None else meta["defocus"][kept]
+    order = renumber[acquisition[keep[acquisition]]]
+    angles = torch.from_numpy(geometry.tilt_angle_deg[kept].copy())
+    defocus = geometry.defocus_um[kept] if geometry.has_defocus else None
+    dose = (
+        geometry.pre_exposure_e_per_a2[kept] if config.dose_filter and geometry.has_dose else None
+    )
+    aligned = config.alignment is not None
+    raw_position = torch.from_numpy(geometry.raw_position_matrix()[kept])
+    gold: dict[str, Any] = {}
+    # A fade wider than a sixteenth of the image would eat into small stacks' content.
+    taper_px = min(config.taper_px, min(stack.shape[1:]) // 16)
 
-    def prepare(images: np.ndarray) -> torch.Tensor:
-        ts = torch.from_numpy(np.asarray(images[kept], dtype=np.float32)).to(device)
-        if config.bin > 1:
-            ts = bin_images(ts, config.bin, method=config.binning_method)
+    view_std: list[torch.Tensor] = []  # of the whole views, for scaling their frame halves
+
+    def prepare(images: np.ndarray, *, halves: bool = False) -> torch.Tensor:
+        """Preprocess, align and bin the kept views of a stack, a few views at a time."""
+        chunk = max(1, 2**25 // (stack.shape[1] * stack.shape[2]))
+        binned = []
+        for i0 in range(0, len(kept), chunk):
+            views = kept[i0 : i0 + chunk]
+            ts = torch.from_numpy(np.asarray(images[views], dtype=np.float32)).to(device)
+            if config.normalize_tilts or config.log_counts:
+                std = view_std[i0 // chunk] if halves and not config.log_counts else None
+                ts, std = normalize_tilts(ts, log=config.log_counts, std=std)
+                if not halves:
+                    view_std.append(std)
+            if gold.get("centres") is not None:
+                ts = erase_gold_in_views(
+                    ts, gold["centres"][i0 : i0 + chunk], diameter_px=gold["diameter_px"]
+                )
+            mean = ts.mean(dim=(1, 2), keepdim=True)
+            ts = taper_borders(ts - mean, width_px=taper_px)
+            if dose is not None:
+                ts = exposure_filter(
+                    ts,
+                    torch.from_numpy(dose[i0 : i0 + chunk]),
+                    pixel_size_angstrom=pixel,
+                    voltage_kv=config.voltage_kv,
+                )
+            if aligned:
+                ts = align_tilts(ts, raw_position[i0 : i0 + chunk])
+            ts = ts + mean
+            if config.bin > 1:
+                ts = bin_images(ts, config.bin, method=config.binning_method)
+            binned.append(ts)
+        ts = torch.cat(binned)
         if defocus is not None and config.ctf_correction == "phase-flip":
             ts = phase_flip_tilt_series(
                 ts,
@@ -126,6 +213,21 @@ def reconstruct(
             )
         return ts
 
+    if config.erase_gold:
+        gold.update(
+            find_gold(
+                stack,
+                kept,
+                normalize=config.normalize_tilts or config.log_counts,
+                log=config.log_counts,
+                diameter_px=None
+                if config.gold_diameter_nm is None
+                else 10 * config.gold_diameter_nm / pixel,
+                device=device,
+            )
+        )
+    x_tilt_deg = float(np.mean(geometry.x_tilt_deg[kept]))
+
     done = [0]
 
     def wbp(ts: torch.Tensor, ang: torch.Tensor) -> np.ndarray:
@@ -137,6 +239,8 @@ def reconstruct(
             sirt_iterations=config.sirt_iterations,
             tilt_axis_offset_px=config.tilt_axis_offset_px / config.bin,
         )
+        if abs(x_tilt_deg) > 1e-3:
+            volume = rotate_about_x(volume, x_tilt_deg)
         if config.wiener_deconvolution and defocus is not None:
             volume = wiener_deconvolve_volume(
                 volume,
@@ -167,7 +271,7 @@ def reconstruct(
                     f"{frames_file}: shape {frames.shape} differs from the tilt series "
                     f"{stack.shape}; give the frame sums of the same tilt series"
                 )
-            volumes[name] = wbp(prepare(frames), angles)
+            volumes[name] = wbp(prepare(frames, halves=True), angles)
     else:
         if split == "even-odd":
             index0, index1 = even_odd_indices(torch.from_numpy(order))
@@ -185,9 +289,18 @@ def reconstruct(
         }
     for name, path in paths.items():
         write_volume(path, volumes[name], voxel_size=pixel * config.bin)
+    outputs = dict(paths)
+    if config.write_aligned_stack:
+        outputs["aligned_stack"] = write_volume(
+            out_dir / f"{stem}_aligned.mrc", full_ts.cpu().numpy(), voxel_size=pixel * config.bin
+        )
+    if gold.get("centres") is not None:
+        outputs["gold_figure"] = gold_figure(stack, kept, gold, out_dir / f"{stem}_gold.png")
     record = out_dir / f"{stem}_reconstruct.json"
     sources = [
         config.tilt_series,
+        config.alignment,
+        config.x_tilt_file,
         config.tilt_angles,
         config.mdoc,
         config.even_frames,
@@ -204,7 +317,11 @@ def reconstruct(
         voxel_size_angstrom=pixel * config.bin,
         ctf_corrected=bool(defocus is not None and config.ctf_correction == "phase-flip"),
         views=views,  # 1-based stack views in each half
+        acquisition_order_from=order_source,
         tilt_range_deg=[float(angles.min()), float(angles.max())],
-        outputs={k: str(v) for k, v in paths.items()},
+        dose_filtered=dose is not None,
+        gold_beads_erased=gold.get("count", 0),
+        gold_diameter_px=gold.get("diameter_px"),
+        outputs={k: str(v) for k, v in outputs.items()},
     )
-    return {**paths, "record": record}
+    return {**outputs, "record": record}
