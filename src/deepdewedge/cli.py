@@ -233,9 +233,19 @@ def reconstruct_cmd(
     config: ConfigOpt = None,
     project_dir: ProjectOpt = None,
     tilt_series: Annotated[
-        Path | None, typer.Option(help="Aligned tilt series (MRC stack).")
+        Path | None, typer.Option(help="Tilt series (MRC stack): raw with --alignment, or aligned.")
     ] = None,
-    tilt_angles: Annotated[Path | None, typer.Option(help="IMOD .tlt or .rawtlt file.")] = None,
+    alignment: Annotated[
+        Path | None,
+        typer.Option(
+            help="Alignment of the raw stack: IMOD .xf (with --tilt-angles), AreTomo .aln, "
+            "Warp .xml or RELION-5 tilt-series .star; the format is recognised from the file."
+        ),
+    ] = None,
+    tilt_angles: Annotated[
+        Path | None, typer.Option(help="IMOD .tlt or .rawtlt file (where the alignment has none).")
+    ] = None,
+    x_tilt_file: Annotated[Path | None, typer.Option(help="IMOD .xtilt file.")] = None,
     mdoc: Annotated[
         Path | None, typer.Option(help="SerialEM .mdoc: angles, acquisition order, dose, defocus.")
     ] = None,
@@ -269,12 +279,38 @@ def reconstruct_cmd(
     voltage_kv: Annotated[float | None, typer.Option()] = None,
     spherical_aberration_mm: Annotated[float | None, typer.Option()] = None,
     amplitude_contrast: Annotated[float | None, typer.Option()] = None,
+    normalize_tilts: Annotated[
+        bool | None, typer.Option(help="Scale each view to zero mean, unit std (default on).")
+    ] = None,
+    log_counts: Annotated[
+        bool | None, typer.Option(help="Take the log of the counts before normalising.")
+    ] = None,
+    taper_px: Annotated[
+        int | None,
+        typer.Option(help="Fade the view borders over this many unbinned pixels (0: off)."),
+    ] = None,
+    dose_filter: Annotated[
+        bool | None, typer.Option(help="Exposure filter where each view's dose is known.")
+    ] = None,
+    erase_gold: Annotated[
+        bool | None, typer.Option(help="Erase gold fiducials where they are found (default on).")
+    ] = None,
+    gold_diameter_nm: Annotated[
+        float | None, typer.Option(help="Gold bead diameter in nm; default: measured.")
+    ] = None,
+    write_aligned_stack: Annotated[
+        bool | None, typer.Option(help="Also write the preprocessed, aligned, binned stack.")
+    ] = None,
     output_dir: Annotated[Path | None, typer.Option()] = None,
     gpu: GpuOpt = None,
     seed: SeedOpt = None,
     overwrite: Annotated[bool | None, typer.Option(help="Replace existing tomograms.")] = None,
 ) -> None:
-    """Split an aligned tilt series and reconstruct tomo0, tomo1 and the full tomogram."""
+    """Split a tilt series and reconstruct tomo0, tomo1 and the full tomogram.
+
+    A raw stack is preprocessed (per-view normalisation, faded borders, exposure filter, gold
+    erasure) and aligned on the fly with --alignment; an aligned stack needs only its angles.
+    """
     _run_reconstruct(config, {k: v for k, v in locals().items() if k != "config"})
 
 

@@ -1,0 +1,234 @@
+"""A real tilt series from raw stack to refined tomogram: EMPIAR-10499, tilt series 00254.
+
+The data (raw stack in counts, IMOD ``.xf``/``.tlt``, Warp ``.xml``) come from the source
+archive of ``warpylib==1.1.2`` on PyPI, fetched with pip unless ``--testdata`` points at its
+``testdata/`` folder. The script measures what the real-data preprocessing of
+``ddw reconstruct`` does, as a biologist would look at it:
+
+1. **Geometry.** The same raw stack reconstructed with the IMOD ``.xf`` and with the Warp
+   ``.xml`` made from it (bin 2, 360 unbinned pixels thick): CC between the two tomograms.
+2. **Borders.** Bin 2 without preprocessing (counts back-projected as they are) and with the
+   defaults: the ratio of the standard deviation in the outer 5% of the central xz slice to
+   that of its inner half.
+3. **DeepDeWedge.** Bin 4, even/odd halves by dose, noise2noise-only (best validation epoch)
+   and DeepDeWedge (last epoch) fitted on the default halves, and DeepDeWedge fitted on halves
+   with the gold left in: the row contrast of the refined central xy slice (the largest
+   standard deviation of a row of its inner block over the median row's; bead streaks make
+   single rows stand out).
+
+Prints one table, writes ``real_data.csv``, ``real_data_orthoslices.png`` (FBP,
+noise2noise-only, DeepDeWedge) and ``real_data_borders.png`` into ``--output`` (default
+``benchmarks/real_data_results``). About 35 minutes on 2 CPU cores; ``--epochs`` shortens it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+from deepdewedge import pipeline
+from deepdewedge.config import step_config
+from deepdewedge.evaluate.figures import orthoslice_figure
+from deepdewedge.evaluate.metrics import correlation_coefficient
+from deepdewedge.pipeline.common import save_figure, write_csv
+
+RAW_OFF = {"normalize_tilts": False, "taper_px": 0, "dose_filter": False, "erase_gold": False}
+FIT = {
+    "unet_params_dict": {"chans": 16, "num_downsample_layers": 2},
+    "adam_params_dict": {"lr": 4e-4},
+    "batch_size": 8,
+    "check_val_every_n_epochs": 2,
+    "save_model_every_n_epochs": None,
+    "update_subtomo_missing_wedges_every_n_epochs": 10,
+}
+
+
+def fetch_testdata(folder: Path) -> Path:
+    """The ``testdata/`` folder of warpylib 1.1.2's source archive, downloaded with pip."""
+    target = folder / "warpylib-1.1.2" / "testdata"
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+            + ["warpylib==1.1.2", "-d", str(folder)],
+            check=True,
+        )
+        with tarfile.open(folder / "warpylib-1.1.2.tar.gz") as archive:
+            archive.extractall(folder, filter="data")
+    return target
+
+
+def edge_ratio(volume: np.ndarray) -> float:
+    """Std of the outer 5% of x of the central xz slice over that of its inner half."""
+    xz = volume[:, volume.shape[1] // 2, :]
+    w = xz.shape[1]
+    edge = max(1, int(0.05 * w))
+    outer = np.concatenate([xz[:, :edge], xz[:, -edge:]], axis=1)
+    return float(outer.std() / xz[:, w // 4 : 3 * w // 4].std())
+
+
+def row_contrast(volume: np.ndarray) -> float:
+    """Largest over median std of the rows of the inner block of the central xy slice."""
+    xy = volume[volume.shape[0] // 2]
+    h, w = xy.shape
+    rows = xy[h // 8 : h - h // 8, w // 4 : 3 * w // 4].std(axis=1)
+    return float(rows.max() / np.median(rows))
+
+
+def reconstruct(testdata: Path, out: Path, *, bin: int, alignment: str = "xf", **options):
+    """``ddw reconstruct`` of the raw stack with the .xf or the .xml alignment."""
+    files = {
+        "xf": {"alignment": testdata / "xf_import/00254.xf"},
+        "xml": {"alignment": testdata / "xf_import/00254.xml"},
+    }[alignment]
+    config = step_config(
+        "reconstruct",
+        overrides={
+            "tilt_series": testdata / "00254.stack.mrc",
+            "tilt_angles": testdata / "xf_import/00254.tlt",
+            "acquisition_scheme": "dose-symmetric",
+            "bin": bin,
+            "thickness": 360,
+            "output_dir": out,
+            "overwrite": True,
+            **files,
+            **options,
+        },
+    )
+    return pipeline.reconstruct(config)
+
+
+def fit_and_refine(tomos: dict, root: Path, *, epochs: int, methods: dict) -> dict:
+    """Prepare once, fit each method, refine the halves with it; paths of the refined maps."""
+    shared = {"project_dir": root, "seed": 42, "subtomo_size": 32, "mw_angle": 60}
+    halves = {"tomo0_files": [tomos["tomo0"]], "tomo1_files": [tomos["tomo1"]]}
+    pipeline.prepare_data(
+        step_config(
+            "prepare_data",
+            overrides={
+                **shared,
+                **halves,
+                "subtomo_extraction_strides": [24, 32, 32],
+                "val_fraction": 0.1,
+                "overwrite": True,
+            },
+        )
+    )
+    refined = {}
+    for method, (switches, checkpoint) in methods.items():
+        fitted = pipeline.fit_model(
+            step_config(
+                "fit_model",
+                overrides={
+                    **shared,
+                    **FIT,
+                    **switches,
+                    "num_epochs": epochs,
+                    "logdir": root / f"logs_{method}",
+                    "overwrite": True,
+                },
+            )
+        )
+        (refined[method],) = pipeline.refine_tomogram(
+            step_config(
+                "refine_tomogram",
+                overrides={
+                    **shared,
+                    **halves,
+                    "model_checkpoint_file": fitted[checkpoint],
+                    "output_dir": root / "refined" / method,
+                    "overwrite": True,
+                },
+            )
+        )
+    return refined
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--testdata", type=Path, help="warpylib-1.1.2/testdata folder")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/real_data_results"))
+    parser.add_argument("--epochs", type=int, default=40)
+    args = parser.parse_args()
+    out = args.output
+    testdata = args.testdata or fetch_testdata(out / "download")
+    rows = []
+
+    def record(step: str, measure: str, value: float, seconds: float) -> None:
+        rows.append({"step": step, "measure": measure, "value": value, "seconds": seconds})
+        print(f"{step:<42} {measure:<34} {value:8.3f} {seconds:8.1f} s", flush=True)
+
+    print(f"{'step':<42} {'measure':<34} {'value':>8} {'time':>10}")
+    volumes = {}
+    for name, alignment, options in (
+        ("bin 2, .xf, no preprocessing", "xf", RAW_OFF),
+        ("bin 2, .xf, defaults", "xf", {}),
+        ("bin 2, .xml, defaults", "xml", {}),
+    ):
+        t0 = time.perf_counter()
+        written = reconstruct(
+            testdata,
+            out / name.replace(", ", "_").replace(" ", "_"),
+            bin=2,
+            alignment=alignment,
+            **options,
+        )
+        volumes[name] = mrcfile.read(written["full"])
+        record(
+            name, "edge ratio of the xz slice", edge_ratio(volumes[name]), time.perf_counter() - t0
+        )
+    cc = correlation_coefficient(volumes["bin 2, .xf, defaults"], volumes["bin 2, .xml, defaults"])
+    record("bin 2, .xf against .xml", "CC", cc, 0.0)
+    save_figure(
+        orthoslice_figure({k: volumes[k] for k in list(volumes)[:2]}),
+        out / "real_data_borders.png",
+    )
+
+    shown = {}
+    for name, options, methods in (
+        (
+            "bin 4, defaults",
+            {},
+            {
+                "noise2noise-only": ({"rotate": False, "wedge_mask": False}, "best_checkpoint"),
+                "DeepDeWedge": ({}, "checkpoint"),
+            },
+        ),
+        ("bin 4, gold kept", {"erase_gold": False}, {"DeepDeWedge": ({}, "checkpoint")}),
+    ):
+        t0 = time.perf_counter()
+        root = out / name.replace(", ", "_").replace(" ", "_")
+        tomos = reconstruct(testdata, root / "tomograms", bin=4, **options)
+        fbp = mrcfile.read(tomos["full"])
+        record(
+            f"{name}: FBP",
+            "row contrast of the xy slice",
+            row_contrast(fbp),
+            time.perf_counter() - t0,
+        )
+        refined = fit_and_refine(tomos, root, epochs=args.epochs, methods=methods)
+        for method, path in refined.items():
+            volume = mrcfile.read(path)
+            record(
+                f"{name}: {method}",
+                "row contrast of the xy slice",
+                row_contrast(volume),
+                time.perf_counter() - t0,
+            )
+            if name == "bin 4, defaults":
+                shown[method] = volume
+        if name == "bin 4, defaults":
+            shown = {"FBP": fbp, **shown}
+    save_figure(orthoslice_figure(shown), out / "real_data_orthoslices.png")
+    write_csv(out / "real_data.csv", rows)
+
+
+if __name__ == "__main__":
+    main()
