@@ -14,6 +14,7 @@ import torch
 from deepdewedge.config import (
     ReconstructConfig,
 )
+from deepdewedge.io.alignment import read_alignment
 from deepdewedge.io.geometry import TiltSeriesGeometry
 from deepdewedge.io.mrc import InputError, read_volume, write_volume
 from deepdewedge.io.tilts import (
@@ -60,8 +61,6 @@ def _tilt_metadata(
     """
     mdoc = read_mdoc(config.mdoc) if config.mdoc is not None else None
     if config.alignment is not None:
-        from deepdewedge.io.alignment import read_alignment
-
         geometry = read_alignment(
             config.alignment,
             n_views=n_tilts,
