@@ -168,3 +168,25 @@ def test_real_fixture_xf_and_warp_xml_agree(tmp_path):
         volumes[name] = mrcfile.read(tmp_path / name / "00254_bin2_full.mrc")
     assert volumes["xf"].shape == (90, 80, 80)
     assert correlation_coefficient(volumes["xf"], volumes["xml"]) >= 0.95
+
+
+def test_bad_alignment_is_one_line_and_writes_nothing(raw, tmp_path):
+    root, _, _, files = raw
+    rows = files["imod"][1].read_text().splitlines()
+    short = tmp_path / "short.xf"
+    short.write_text("\n".join(rows[:-1]) + "\n")
+    unknown = tmp_path / "ts.foo"
+    unknown.write_text("1 2 3\n")
+    for args, words in (
+        (["--alignment", short, "--tilt-angles", root / "ts.tlt"], "transforms"),
+        (["--alignment", unknown], "not a tilt-series alignment"),
+    ):
+        out = tmp_path / "out"
+        result = _invoke(
+            "reconstruct", "--tilt-series", root / "ts.mrc", "--thickness", 24,
+            "--output-dir", out, *args,
+        )  # fmt: skip
+        assert result.exit_code != 0
+        message = result.output.strip().splitlines()[-1]
+        assert message.startswith("error: ") and words in message and str(args[1]) in message
+        assert not out.exists()

@@ -4,6 +4,7 @@ import torch
 from matplotlib.figure import Figure
 
 from deepdewedge.evaluate.figures import (
+    gold_erasure_figure,
     loss_curve_figure,
     mask_overlay_figure,
     orthoslice_figure,
@@ -115,3 +116,26 @@ def test_mask_overlay_figure_rejects_bad_input():
         mask_overlay_figure(torch.zeros(4, 4), torch.zeros(4, 4))
     with pytest.raises(ValueError, match="clip_std"):
         mask_overlay_figure(torch.zeros(4, 4, 4), torch.zeros(4, 4, 4), clip_std=-1.0)
+
+
+def test_gold_erasure_figure_writes_a_png(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    before = 40.0 + 6.0 * torch.randn((96, 128), generator=generator)
+    yy, xx = torch.meshgrid(torch.arange(96.0), torch.arange(128.0), indexing="ij")
+    centres = torch.tensor([[30.0, 40.0], [60.0, 90.0], [2.0, 3.0]])
+    for y, x in centres:
+        before[(yy - y) ** 2 + (xx - x) ** 2 <= 16] = 10.0
+    after = 40.0 + 6.0 * torch.randn((96, 128), generator=generator)
+    fig = gold_erasure_figure(before, after, centres, diameter_px=8.0, title="view 0")
+    # Two overviews, and a before/after close-up of each bead shown.
+    assert len(fig.axes) == 2 + 2 * 3
+    path = tmp_path / "gold.png"
+    fig.savefig(path)
+    assert path.read_bytes().startswith(b"\x89PNG")
+    # Without beads only the two overviews are drawn.
+    empty = gold_erasure_figure(before.numpy(), after.numpy(), np.zeros((0, 2)), diameter_px=8.0)
+    assert len(empty.axes) == 2
+    with pytest.raises(ValueError, match="must match"):
+        gold_erasure_figure(before, after[:90], centres, diameter_px=8.0)
+    with pytest.raises(ValueError, match="diameter_px"):
+        gold_erasure_figure(before, after, centres, diameter_px=0.0)

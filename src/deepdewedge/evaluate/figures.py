@@ -8,8 +8,15 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Circle
 
-__all__ = ["orthoslice_figure", "loss_curve_figure", "mask_overlay_figure", "fsc_curve_figure"]
+__all__ = [
+    "orthoslice_figure",
+    "loss_curve_figure",
+    "mask_overlay_figure",
+    "fsc_curve_figure",
+    "gold_erasure_figure",
+]
 
 _COLUMN_TITLES = ("xy (z = d//2)", "xz (y = h//2)", "yz (x = w//2)", "log |FFT|² xz (ky = 0)")
 
@@ -271,3 +278,125 @@ def _to_1d(values: np.ndarray | torch.Tensor | Sequence[float], name: str) -> np
     if array.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
     return array
+
+
+def gold_erasure_figure(
+    before: np.ndarray | torch.Tensor,
+    after: np.ndarray | torch.Tensor,
+    centres: np.ndarray | torch.Tensor,
+    *,
+    diameter_px: float,
+    title: str = "gold erasure",
+    crops: int = 4,
+    clip_std: float = 3.0,
+) -> Figure:
+    """A tilt image before and after gold erasure, with close-ups of a few beads.
+
+    Parameters
+    ----------
+    before, after : numpy.ndarray or torch.Tensor
+        The tilt image before and after erasure, both of shape `(h, w)`.
+    centres : numpy.ndarray or torch.Tensor
+        Bead centres ``(y, x)`` in pixels, shape `(k, 2)`; may be empty.
+    diameter_px : float
+        Bead diameter in pixels. Each bead is circled with the radius that
+        :func:`deepdewedge.reconstruct.fiducials.erase_gold_beads` fills, ``0.6 d + 1.5``.
+    title : str
+        Title above the figure.
+    crops : int
+        Number of beads shown in close-up, chosen evenly from the strongest to the weakest
+        (``centres`` in their given order); fewer when there are fewer beads.
+    clip_std : float
+        All panels share the grey levels ``mean ± clip_std * std`` of the erased image, so
+        that filled areas compare directly with their surroundings.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure, attached to an Agg canvas, not shown or saved.
+    """
+    images = []
+    for name, image in (("before", before), ("after", after)):
+        if isinstance(image, torch.Tensor):
+            image = image.detach().to("cpu", torch.float64).numpy()
+        image = np.asarray(image, dtype=np.float64)
+        if image.ndim != 2 or image.size == 0:
+            raise ValueError(f"{name} must be a non-empty image of shape (h, w), got {image.shape}")
+        images.append(image)
+    before, after = images
+    if before.shape != after.shape:
+        raise ValueError(
+            f"before has shape {before.shape} but after has shape {after.shape}; they must match"
+        )
+    if isinstance(centres, torch.Tensor):
+        centres = centres.detach().to("cpu", torch.float64).numpy()
+    centres = np.asarray(centres, dtype=np.float64)
+    if centres.size == 0:
+        centres = centres.reshape(0, 2)
+    if centres.ndim != 2 or centres.shape[1] != 2:
+        raise ValueError(f"centres must have shape (k, 2), got {centres.shape}")
+    if not np.isfinite(diameter_px) or diameter_px <= 0:
+        raise ValueError(f"diameter_px must be positive, got {diameter_px!r}")
+    if not np.isfinite(clip_std) or clip_std <= 0:
+        raise ValueError(f"clip_std must be positive, got {clip_std!r}")
+    if isinstance(crops, bool) or not isinstance(crops, int) or crops < 0:
+        raise ValueError(f"crops must be a non-negative integer, got {crops!r}")
+
+    h, w = before.shape
+    vmin, vmax = _contrast_limits(after, clip_std)
+    radius = 0.6 * diameter_px + 1.5
+    shown = np.unique(
+        np.linspace(0, len(centres) - 1, min(crops, len(centres))).round().astype(int)
+    )
+    n = len(shown)
+    overview_height = 10.0 * h / (2 * w)
+    crop_height = min(10.0 / max(n, 1), 1.6)
+    fig = Figure(figsize=(10.0, overview_height + (2 * crop_height if n else 0.0) + 0.6))
+    fig.set_layout_engine("constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(title)
+    # Two overviews side by side on top; below them one column of crops per bead shown.
+    grid = fig.add_gridspec(
+        3 if n else 1,
+        2 * max(n, 1),
+        height_ratios=[overview_height, crop_height, crop_height] if n else None,
+    )
+    overview = [fig.add_subplot(grid[0, : max(n, 1)]), fig.add_subplot(grid[0, max(n, 1) :])]
+    labels = (f"before: {len(centres)} beads, d = {diameter_px:.1f} px", "after")
+    for ax, image, label in zip(overview, (before, after), labels, strict=True):
+        ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, aspect="equal")
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for number, (y, x) in enumerate(centres):
+        ring = Circle((x, y), radius, fill=False, color="tab:red", linewidth=0.6)
+        overview[0].add_patch(ring)
+        if number in shown:
+            overview[0].annotate(
+                str(list(shown).index(number) + 1),
+                (x + radius, y - radius),
+                color="yellow",
+                fontsize=7,
+            )
+    if n:
+        size = 2 * max(12, int(np.ceil(2.0 * diameter_px))) + 1
+        close = [
+            [fig.add_subplot(grid[row, 2 * c : 2 * c + 2]) for c in range(n)] for row in (1, 2)
+        ]
+        for col, number in enumerate(shown):
+            y, x = centres[number]
+            y0 = min(max(round(y) - size // 2, 0), max(h - size, 0))
+            x0 = min(max(round(x) - size // 2, 0), max(w - size, 0))
+            window = (slice(y0, y0 + size), slice(x0, x0 + size))
+            for row, image in enumerate((before, after)):
+                ax = close[row][col]
+                ax.imshow(image[window], cmap="gray", vmin=vmin, vmax=vmax, aspect="equal")
+                ax.set_xticks([])
+                ax.set_yticks([])
+            close[0][col].add_patch(
+                Circle((x - x0, y - y0), radius, fill=False, color="tab:red", linewidth=0.8)
+            )
+            close[0][col].set_title(f"{col + 1}: ({y:.0f}, {x:.0f})", fontsize=8)
+        close[0][0].set_ylabel("before", fontsize=8)
+        close[1][0].set_ylabel("after", fontsize=8)
+    return fig

@@ -14,6 +14,7 @@ import torch
 from deepdewedge.config import (
     ReconstructConfig,
 )
+from deepdewedge.evaluate.figures import gold_erasure_figure
 from deepdewedge.io.alignment import read_alignment
 from deepdewedge.io.geometry import TiltSeriesGeometry
 from deepdewedge.io.mrc import InputError, read_volume, write_volume
@@ -26,11 +27,13 @@ from deepdewedge.io.tilts import (
 from deepdewedge.pipeline.common import (
     check_writable,
     resolve_device,
+    save_figure,
     write_record,
 )
 from deepdewedge.reconstruct.backproject import weighted_backprojection
 from deepdewedge.reconstruct.binning import bin_images
 from deepdewedge.reconstruct.ctf import phase_flip_tilt_series, wiener_deconvolve_volume
+from deepdewedge.reconstruct.fiducials import erase_gold_beads, find_gold_beads_in_tilt_series
 from deepdewedge.reconstruct.preprocess import (
     align_tilts,
     exposure_filter,
@@ -43,11 +46,90 @@ from deepdewedge.reconstruct.split import even_odd_indices, random_fraction_indi
 log = logging.getLogger(__name__)
 
 
-def find_gold(*args, **kwargs):  # placeholder until fiducials land
-    return {}
+# Beads are sought at about this pixel size, where 5-15 nm gold spans 6-19 pixels.
+_GOLD_SEARCH_PIXEL_ANGSTROM = 8.0
+_GOLD_SEARCH_DIAMETER_PX = 12.0
 
 
-erase_gold_in_views = gold_figure = None
+def _find_gold(
+    stack: np.ndarray,
+    kept: np.ndarray,
+    angles: torch.Tensor,
+    *,
+    pixel: float,
+    diameter_nm: float | None,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Gold beads in the kept views: per-view centres and diameter in stack pixels, a count.
+
+    The views are searched Fourier-binned to about 8 Å per pixel (or so that a given bead
+    spans about 12 pixels), a few at a time, in counts as they are: the detector's scores are
+    robust z-scores, unchanged by the per-view normalisation that follows.
+    """
+    if diameter_nm is None:
+        factor, diameter = max(1, round(_GOLD_SEARCH_PIXEL_ANGSTROM / pixel)), None
+    else:
+        diameter_px = 10 * diameter_nm / pixel
+        factor = max(1, int(diameter_px // _GOLD_SEARCH_DIAMETER_PX))
+        diameter = diameter_px / factor
+    h, w = stack.shape[1:]
+    # Keep at least 128 binned pixels a side; below 64 a side there is too little to search.
+    factor = max(1, min(factor, min(h, w) // 128))
+    if min(h, w) // factor < 64:
+        return {}
+    chunk = max(1, 2**25 // (h * w))
+    views = torch.cat(
+        [
+            bin_images(
+                torch.from_numpy(np.asarray(stack[kept[i : i + chunk]], dtype=np.float32)).to(
+                    device
+                ),
+                factor,
+            )
+            for i in range(0, len(kept), chunk)
+        ]
+    )
+    centres, diameter = find_gold_beads_in_tilt_series(
+        views, diameter_px=diameter, tilt_angles_deg=angles
+    )
+    count = sum(len(c) for c in centres)
+    if count == 0 or diameter is None:
+        return {}
+    # Binned position j is stack position j b + (n mod b) // 2 + (b - 1) / 2 (binning.py).
+    offset = torch.tensor(
+        [(h % factor) // 2 + (factor - 1) / 2, (w % factor) // 2 + (factor - 1) / 2],
+        device=views.device,
+    )
+    centres = [c * factor + offset for c in centres]
+    log.info("gold: %d beads of %.1f px in %d views", count, diameter * factor, len(kept))
+    return {"centres": centres, "diameter_px": float(diameter * factor), "count": count}
+
+
+def _gold_figure(
+    stack: np.ndarray, kept: np.ndarray, angles: torch.Tensor, gold: dict, seed: int, path: Path
+) -> Path:
+    """Save the lowest-tilt kept view, normalised, before and after gold erasure."""
+    i = int(torch.argmin(angles.abs()))
+    before, _ = normalize_tilts(torch.from_numpy(np.asarray(stack[kept[i : i + 1]], np.float32)))
+    centres = gold["centres"][i].cpu()
+    after = _erase_gold(before, [centres], gold["diameter_px"], seed + i)
+    figure = gold_erasure_figure(
+        before[0],
+        after[0],
+        centres,
+        diameter_px=gold["diameter_px"],
+        title=f"view {kept[i] + 1} ({float(angles[i]):.1f}°): gold erased",
+    )
+    return save_figure(figure, path)
+
+
+def _erase_gold(views: torch.Tensor, centres: list[torch.Tensor], diameter_px: float, seed: int):
+    """Erase the beads of each view in `(n, h, w)` views; a seeded fill per view."""
+    out = torch.empty_like(views)
+    for i, (view, where) in enumerate(zip(views, centres, strict=True)):
+        generator = torch.Generator(device=views.device).manual_seed(seed + i)
+        out[i] = erase_gold_beads(view, where, diameter_px=diameter_px, generator=generator)
+    return out
 
 
 def _tilt_metadata(
@@ -162,10 +244,14 @@ def reconstruct(
     )
     aligned = config.alignment is not None
     raw_position = torch.from_numpy(geometry.raw_position_matrix()[kept])
-    gold: dict[str, Any] = {}
     # A fade wider than a sixteenth of the image would eat into small stacks' content.
     taper_px = min(config.taper_px, min(stack.shape[1:]) // 16)
 
+    gold: dict[str, Any] = {}
+    if config.erase_gold:
+        gold = _find_gold(
+            stack, kept, angles, pixel=pixel, diameter_nm=config.gold_diameter_nm, device=device
+        )
     view_std: list[torch.Tensor] = []  # of the whole views, for scaling their frame halves
 
     def prepare(images: np.ndarray, *, halves: bool = False) -> torch.Tensor:
@@ -180,9 +266,9 @@ def reconstruct(
                 ts, std = normalize_tilts(ts, log=config.log_counts, std=std)
                 if not halves:
                     view_std.append(std)
-            if gold.get("centres") is not None:
-                ts = erase_gold_in_views(
-                    ts, gold["centres"][i0 : i0 + chunk], diameter_px=gold["diameter_px"]
+            if gold:
+                ts = _erase_gold(
+                    ts, gold["centres"][i0 : i0 + chunk], gold["diameter_px"], config.seed + i0
                 )
             mean = ts.mean(dim=(1, 2), keepdim=True)
             ts = taper_borders(ts - mean, width_px=taper_px)
@@ -212,19 +298,6 @@ def reconstruct(
             )
         return ts
 
-    if config.erase_gold:
-        gold.update(
-            find_gold(
-                stack,
-                kept,
-                normalize=config.normalize_tilts or config.log_counts,
-                log=config.log_counts,
-                diameter_px=None
-                if config.gold_diameter_nm is None
-                else 10 * config.gold_diameter_nm / pixel,
-                device=device,
-            )
-        )
     x_tilt_deg = float(np.mean(geometry.x_tilt_deg[kept]))
 
     done = [0]
@@ -293,8 +366,10 @@ def reconstruct(
         outputs["aligned_stack"] = write_volume(
             out_dir / f"{stem}_aligned.mrc", full_ts.cpu().numpy(), voxel_size=pixel * config.bin
         )
-    if gold.get("centres") is not None:
-        outputs["gold_figure"] = gold_figure(stack, kept, gold, out_dir / f"{stem}_gold.png")
+    if gold:
+        outputs["gold_figure"] = _gold_figure(
+            stack, kept, angles, gold, config.seed, out_dir / f"{stem}_gold.png"
+        )
     record = out_dir / f"{stem}_reconstruct.json"
     sources = [
         config.tilt_series,
