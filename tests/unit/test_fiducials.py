@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepdewedge.reconstruct.fiducials import (
+from deepdewedge.reconstruct.gold import (
     erase_gold_beads,
     find_gold_beads,
     find_gold_beads_in_tilt_series,

@@ -300,7 +300,7 @@ def gold_erasure_figure(
         Bead centres ``(y, x)`` in pixels, shape `(k, 2)`; may be empty.
     diameter_px : float
         Bead diameter in pixels. Each bead is circled with the radius that
-        :func:`deepdewedge.reconstruct.fiducials.erase_gold_beads` fills, ``0.6 d + 1.5``.
+        :func:`deepdewedge.reconstruct.gold.erase_gold_beads` fills, ``0.6 d + 1.5``.
     title : str
         Title above the figure.
     crops : int

@@ -33,7 +33,7 @@ from deepdewedge.pipeline.common import (
 from deepdewedge.reconstruct.backproject import weighted_backprojection
 from deepdewedge.reconstruct.binning import bin_images
 from deepdewedge.reconstruct.ctf import phase_flip_tilt_series, wiener_deconvolve_volume
-from deepdewedge.reconstruct.fiducials import erase_gold_beads, find_gold_beads_in_tilt_series
+from deepdewedge.reconstruct.gold import erase_gold_beads, find_gold_beads_in_tilt_series
 from deepdewedge.reconstruct.preprocess import (
     align_tilts,
     exposure_filter,
@@ -67,16 +67,15 @@ def _find_gold(
     robust z-scores, unchanged by the per-view normalisation that follows.
     """
     if diameter_nm is None:
-        factor, diameter = max(1, round(_GOLD_SEARCH_PIXEL_ANGSTROM / pixel)), None
+        factor = round(_GOLD_SEARCH_PIXEL_ANGSTROM / pixel)
     else:
-        diameter_px = 10 * diameter_nm / pixel
-        factor = max(1, int(diameter_px // _GOLD_SEARCH_DIAMETER_PX))
-        diameter = diameter_px / factor
+        factor = int(10 * diameter_nm / pixel // _GOLD_SEARCH_DIAMETER_PX)
     h, w = stack.shape[1:]
     # Keep at least 128 binned pixels a side; below 64 a side there is too little to search.
     factor = max(1, min(factor, min(h, w) // 128))
     if min(h, w) // factor < 64:
         return {}
+    diameter = None if diameter_nm is None else 10 * diameter_nm / pixel / factor
     chunk = max(1, 2**25 // (h * w))
     views = torch.cat(
         [
