@@ -20,7 +20,8 @@ archive of ``warpylib==1.1.2`` on PyPI, fetched with pip unless ``--testdata`` p
    1 means the bead rows look like any other row.
 
 Prints one table, writes ``real_data.csv``, ``real_data_orthoslices.png`` (FBP,
-noise2noise-only, DeepDeWedge) and ``real_data_borders.png`` into ``--output`` (default
+noise2noise-only, DeepDeWedge), ``real_data_gold.png`` (DeepDeWedge with and without gold
+erasure) and ``real_data_borders.png`` into ``--output`` (default
 ``benchmarks/real_data_results``). About 35 minutes on 2 CPU cores; ``--epochs`` shortens it.
 A fit whose refined tomogram is already in ``--output`` is not run again, so an interrupted
 run continues where it stopped.
@@ -233,6 +234,11 @@ def main() -> None:
             record(f"{name}: {method}", "bead-row contrast", bead_row_contrast(volume, rows_y), 0)
     shown = {"FBP": full["bin 4, defaults"], **refined["bin 4, defaults"]}
     save_figure(orthoslice_figure(shown), out / "real_data_orthoslices.png")
+    gold = {
+        "DeepDeWedge, gold kept": refined["bin 4, gold kept"]["DeepDeWedge"],
+        "DeepDeWedge, gold erased": refined["bin 4, defaults"]["DeepDeWedge"],
+    }
+    save_figure(orthoslice_figure(gold), out / "real_data_gold.png")
     write_csv(out / "real_data.csv", rows)
 
 
