@@ -189,12 +189,16 @@ def _tilt_metadata(
 def reconstruct(
     config: ReconstructConfig, *, progress: Callable[[int, int], None] | None = None
 ) -> dict[str, Path]:
-    """Step 1: split an aligned tilt series and reconstruct tomo0, tomo1 and the full tomogram.
+    """Step 1: split a tilt series and reconstruct tomo0, tomo1 and the full tomogram.
+
+    A raw stack is aligned on the fly with ``config.alignment``; every kept view is prepared
+    as ``docs/conventions.md`` ("Real-data preprocessing") describes, a few views at a time.
 
     Returns
     -------
     dict
-        Paths of the ``full``, ``tomo0`` and ``tomo1`` tomograms and the ``record`` (JSON).
+        Paths of the ``full``, ``tomo0`` and ``tomo1`` tomograms, the ``record`` (JSON), and
+        where written, the ``aligned_stack`` and the ``gold_figure``.
     """
     started = time.perf_counter()
     out_dir = Path(config.output_dir or Path(config.project_dir) / "tomograms")
