@@ -227,7 +227,7 @@ def main() -> None:
         full[name] = mrcfile.read(tomos["full"])
         paths = fit_and_refine(tomos, root, epochs=args.epochs, methods=methods)
         refined[name] = {method: mrcfile.read(path) for method, path in paths.items()}
-        record(name, "fit and refine", len(methods), time.perf_counter() - t0)
+        record(name, "methods fitted and refined", len(methods), time.perf_counter() - t0)
     rows_y = bead_rows(full["bin 4, gold kept"], full["bin 4, defaults"])
     for name in full:
         for method, volume in {"FBP": full[name], **refined[name]}.items():
