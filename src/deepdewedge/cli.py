@@ -1,22 +1,42 @@
-"""The ``ddw`` command line: parse, validate, call the pipeline, report."""
+"""The ``ddw`` command line: parse, validate, call the pipeline, report.
+
+Only typer and the config models are imported up front; torch, the pipeline's step modules
+and the progress bars are imported by the commands that run, so that ``ddw --help`` and
+``ddw <command> --help`` answer at once.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
+import typer.core
 import yaml
-from tqdm import tqdm
+from pydantic import BaseModel
 
 from deepdewedge import pipeline
-from deepdewedge.config import read_config_file, step_config
-from deepdewedge.fit.loop import Callbacks
-from deepdewedge.io.mrc import InputError
+from deepdewedge.config import (
+    DEMO,
+    FitModelConfig,
+    MakeMaskConfig,
+    PrepareDataConfig,
+    ReconstructConfig,
+    RefineTomogramConfig,
+    SimulateConfig,
+    read_config_file,
+    step_config,
+)
+from deepdewedge.io.errors import InputError
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from deepdewedge.fit.loop import Callbacks
 
 app = typer.Typer(
     add_completion=False,
@@ -24,22 +44,65 @@ app = typer.Typer(
     help="DeepDeWedge: self-supervised denoising and missing-wedge filling for cryo-ET.",
 )
 
+# What rich markup, which renders typer's help, would take for a style tag and drop, such as
+# "[default: 32]"; a backslash keeps it as text.
+_MARKUP_TAG = re.compile(r"(\\*)(\[[a-z#/@][^[]*?])")
+_REPEAT = "Repeat the option for several."
+
+
+def _shown_default(name: str, value: Any) -> str | None:
+    """`value` as the help shows it: a bool as the flag that gives it; None where there is none."""
+    if value is None or value is ...:
+        return None
+    if isinstance(value, bool):
+        return ("" if value else "no-") + name.replace("_", "-")
+    if isinstance(value, BaseModel):
+        mapping = value.model_dump(mode="json")
+        return yaml.safe_dump(mapping, default_flow_style=True, sort_keys=False, width=1000).strip()
+    if isinstance(value, list | tuple):
+        return " ".join(str(item) for item in value) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _help(text: str, name: str, default: Any, syntax: str = "") -> str:
+    shown = _shown_default(name, default)
+    joined = " ".join(part for part in (text, syntax, shown and f"[default: {shown}]") if part)
+    return _MARKUP_TAG.sub(r"\1\1\\\2", joined) if typer.core.HAS_RICH else joined
+
+
+def _option(model: type[BaseModel], name: str, *, text: str | None = None, syntax: str = "") -> Any:
+    """An option overriding `model`'s field `name`: help from the field's description and default.
+
+    The option itself defaults to None, so that a value not given on the command line leaves the
+    config file's (or the model's) value in place; `text` replaces the field's description
+    where the command line says it differently, `syntax` tells how to give the value here.
+    """
+    field = model.model_fields[name]
+    default = None if field.is_required() else field.get_default(call_default_factory=True)
+    return typer.Option(help=_help(text or field.description or "", name, default, syntax))
+
+
+def _simulate_opt(name: str, text: str, syntax: str = "") -> Any:
+    return _option(SimulateConfig, name, text=text, syntax=syntax)
+
+
+_reconstruct_opt = functools.partial(_option, ReconstructConfig)
+_mask_opt = functools.partial(_option, MakeMaskConfig)
+_prepare_opt = functools.partial(_option, PrepareDataConfig)
+_fit_opt = functools.partial(_option, FitModelConfig)
+_refine_opt = functools.partial(_option, RefineTomogramConfig)
+
 ConfigOpt = Annotated[
     Path | None,
     typer.Option(
         "--config",
         "-c",
-        help="YAML config (sections shared, prepare_data, "
-        "fit_model, refine_tomogram); options given here override it.",
+        help="YAML config (sections shared, reconstruct, make_mask, prepare_data, fit_model, "
+        "refine_tomogram); options given here override it.",
     ),
 ]
-ProjectOpt = Annotated[Path | None, typer.Option(help="Project directory.")]
-Tomo0Opt = Annotated[list[Path] | None, typer.Option(help="Half tomogram(s) 0 (MRC).")]
-Tomo1Opt = Annotated[list[Path] | None, typer.Option(help="Half tomogram(s) 1 (MRC).")]
-SizeOpt = Annotated[int | None, typer.Option(help="Edge of the sub-tomograms in voxels.")]
-MwOpt = Annotated[float | None, typer.Option(help="Full opening angle of the missing wedge (°).")]
-GpuOpt = Annotated[list[int] | None, typer.Option(help="GPU index; omit to run on the CPU.")]
-SeedOpt = Annotated[int | None, typer.Option(help="Random seed.")]
 
 
 def _friendly(func):
@@ -53,15 +116,18 @@ def _friendly(func):
         except (InputError, FloatingPointError) as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(code=1) from None
-        except torch.OutOfMemoryError:
-            typer.echo("error: out of GPU memory; lower batch_size (or subtomo_size)", err=True)
-            raise typer.Exit(code=1) from None
         except KeyboardInterrupt:
             resumable = func.__name__ in ("fit_model_cmd", "run_cmd")
             typer.echo(
                 "interrupted" + ("; resume fitting with --resume" if resumable else ""), err=True
             )
             raise typer.Exit(code=130) from None
+        except Exception as err:
+            torch = sys.modules.get("torch")  # only a command that imported torch can run out
+            if torch is not None and isinstance(err, torch.OutOfMemoryError):
+                typer.echo("error: out of GPU memory; lower batch_size (or subtomo_size)", err=True)
+                raise typer.Exit(code=1) from None
+            raise
 
     return wrapper
 
@@ -79,6 +145,10 @@ def _parse_mapping(text: str | None, name: str) -> dict[str, Any] | None:
 
 
 def _fit_callbacks(num_epochs: int) -> tuple[Callbacks, list[tqdm]]:
+    from tqdm import tqdm
+
+    from deepdewedge.fit.loop import Callbacks
+
     bars: list[tqdm] = []
 
     def on_step(epoch: int, step: int, steps: int, running: float) -> None:
@@ -106,6 +176,8 @@ def _fit_callbacks(num_epochs: int) -> tuple[Callbacks, list[tqdm]]:
 
 
 def _run_reconstruct(config_file: Path | None, overrides: dict[str, Any]) -> dict[str, Path]:
+    from tqdm import tqdm
+
     config = step_config("reconstruct", config_file=config_file, overrides=overrides)
     with tqdm(desc="reconstructing", unit="tomogram", total=3, dynamic_ncols=True) as bar:
 
@@ -148,6 +220,8 @@ def _run_fit(config_file: Path | None, overrides: dict[str, Any]) -> Path:
 
 
 def _run_refine(config_file: Path | None, overrides: dict[str, Any]) -> None:
+    from tqdm import tqdm
+
     config = step_config("refine_tomogram", config_file=config_file, overrides=overrides)
     bar = tqdm(desc="refining", unit="tile", dynamic_ncols=True)
 
@@ -167,46 +241,87 @@ def _run_refine(config_file: Path | None, overrides: dict[str, Any]) -> None:
 @app.command("simulate")
 @_friendly
 def simulate_cmd(
-    output_dir: Annotated[Path | None, typer.Option(help="Folder for the simulated data.")] = None,
-    thickness_px: Annotated[
-        int | None, typer.Option(help="Ground-truth thickness (z), i.e. the tomogram's.")
+    output_dir: Annotated[
+        Path | None, _simulate_opt("output_dir", "Folder for the simulated data.")
     ] = None,
-    height_px: Annotated[int | None, typer.Option(help="Image height (y).")] = None,
-    width_px: Annotated[int | None, typer.Option(help="Image width (x).")] = None,
-    voxel_size_angstrom: Annotated[float | None, typer.Option()] = None,
-    ice_thickness_px: Annotated[int | None, typer.Option()] = None,
+    thickness_px: Annotated[
+        int | None,
+        _simulate_opt("thickness_px", "Ground-truth thickness (z) in px, the tomogram's."),
+    ] = None,
+    height_px: Annotated[int | None, _simulate_opt("height_px", "Image height (y) in px.")] = None,
+    width_px: Annotated[int | None, _simulate_opt("width_px", "Image width (x) in px.")] = None,
+    voxel_size_angstrom: Annotated[
+        float | None, _simulate_opt("voxel_size_angstrom", "Voxel (and pixel) size in Å.")
+    ] = None,
+    ice_thickness_px: Annotated[
+        int | None,
+        _simulate_opt("ice_thickness_px", "Ice thickness in px; default: 3/4 of thickness_px."),
+    ] = None,
     templates: Annotated[
         list[str] | None,
-        typer.Option(help="Macromolecule to use (repeat for several); default: all."),
+        _simulate_opt("templates", "Macromolecule to place; default: all shipped ones.", _REPEAT),
     ] = None,
-    n_particles: Annotated[int | None, typer.Option(help="Particles in the field of view.")] = None,
-    n_vesicles: Annotated[int | None, typer.Option()] = None,
-    n_sheets: Annotated[int | None, typer.Option(help="Flat membrane patches.")] = None,
-    n_beads: Annotated[int | None, typer.Option(help="Gold beads.")] = None,
-    bead_radius_angstrom: Annotated[float | None, typer.Option()] = None,
-    tilt_min_deg: Annotated[float | None, typer.Option()] = None,
-    tilt_max_deg: Annotated[float | None, typer.Option()] = None,
-    tilt_step_deg: Annotated[float | None, typer.Option()] = None,
+    n_particles: Annotated[
+        int | None,
+        _simulate_opt(
+            "n_particles", "Particles in the field of view; default: enough to fill 15% of the ice."
+        ),
+    ] = None,
+    n_vesicles: Annotated[int | None, _simulate_opt("n_vesicles", "Membrane vesicles.")] = None,
+    n_sheets: Annotated[int | None, _simulate_opt("n_sheets", "Flat membrane patches.")] = None,
+    n_beads: Annotated[int | None, _simulate_opt("n_beads", "Gold beads.")] = None,
+    bead_radius_angstrom: Annotated[
+        float | None, _simulate_opt("bead_radius_angstrom", "Gold bead radius in Å.")
+    ] = None,
+    tilt_min_deg: Annotated[
+        float | None, _simulate_opt("tilt_min_deg", "Lowest tilt angle in degrees.")
+    ] = None,
+    tilt_max_deg: Annotated[
+        float | None, _simulate_opt("tilt_max_deg", "Highest tilt angle in degrees.")
+    ] = None,
+    tilt_step_deg: Annotated[
+        float | None, _simulate_opt("tilt_step_deg", "Tilt increment in degrees.")
+    ] = None,
     acquisition_scheme: Annotated[
-        str | None, typer.Option(help="dose-symmetric or sequential.")
+        str | None,
+        _simulate_opt("acquisition_scheme", "Order of the tilts: dose-symmetric or sequential."),
     ] = None,
-    dose_per_tilt_e_per_a2: Annotated[float | None, typer.Option()] = None,
+    dose_per_tilt_e_per_a2: Annotated[
+        float | None,
+        _simulate_opt(
+            "dose_per_tilt_e_per_a2", "Electron dose per tilt in e/Å² (written to the .mdoc)."
+        ),
+    ] = None,
     snr: Annotated[
-        float | None, typer.Option(help="var(signal) / var(noise) of the tilt series.")
+        float | None, _simulate_opt("snr", "var(signal) / var(noise) of the tilt series.")
     ] = None,
-    ctf: Annotated[bool | None, typer.Option(help="Modulate the images by the CTF.")] = None,
-    defocus_um: Annotated[float | None, typer.Option(help="Underfocus at the tilt axis.")] = None,
-    voltage_kv: Annotated[float | None, typer.Option()] = None,
-    spherical_aberration_mm: Annotated[float | None, typer.Option()] = None,
-    amplitude_contrast: Annotated[float | None, typer.Option()] = None,
+    ctf: Annotated[bool | None, _simulate_opt("ctf", "Modulate the images by the CTF.")] = None,
+    defocus_um: Annotated[
+        float | None, _simulate_opt("defocus_um", "Underfocus at the tilt axis in µm.")
+    ] = None,
+    voltage_kv: Annotated[
+        float | None, _simulate_opt("voltage_kv", "Acceleration voltage in kV.")
+    ] = None,
+    spherical_aberration_mm: Annotated[
+        float | None, _simulate_opt("spherical_aberration_mm", "Spherical aberration in mm.")
+    ] = None,
+    amplitude_contrast: Annotated[
+        float | None, _simulate_opt("amplitude_contrast", "Fraction of amplitude contrast.")
+    ] = None,
     defocus_gradient: Annotated[
-        bool | None, typer.Option(help="Defocus varies across tilted images.")
+        bool | None,
+        _simulate_opt("defocus_gradient", "Defocus varies across the tilted images."),
     ] = None,
     n_frames: Annotated[
-        int | None, typer.Option(help="Dose-fractionated frames per tilt; writes even/odd sums.")
+        int | None,
+        _simulate_opt(
+            "n_frames", "Dose-fractionated frames per tilt, written as even/odd sums; 0: none."
+        ),
     ] = None,
-    seed: SeedOpt = None,
-    overwrite: Annotated[bool | None, typer.Option(help="Replace an existing simulation.")] = None,
+    seed: Annotated[int | None, _simulate_opt("seed", "Random seed.")] = None,
+    overwrite: Annotated[
+        bool | None, _simulate_opt("overwrite", "Replace an existing simulation.")
+    ] = None,
 ) -> None:
     """Simulate a tilt series of macromolecules, membranes and gold in ice, with ground truth."""
     options = dict(locals())
@@ -231,80 +346,46 @@ def simulate_cmd(
 @_friendly
 def reconstruct_cmd(
     config: ConfigOpt = None,
-    project_dir: ProjectOpt = None,
-    tilt_series: Annotated[
-        Path | None, typer.Option(help="Tilt series (MRC stack): raw with --alignment, or aligned.")
-    ] = None,
-    alignment: Annotated[
-        Path | None,
-        typer.Option(
-            help="Alignment of the raw stack: IMOD .xf (with --tilt-angles), AreTomo .aln, "
-            "Warp .xml or RELION-5 tilt-series .star; the format is recognised from the file."
-        ),
-    ] = None,
-    tilt_angles: Annotated[
-        Path | None, typer.Option(help="IMOD .tlt or .rawtlt file (where the alignment has none).")
-    ] = None,
-    x_tilt_file: Annotated[Path | None, typer.Option(help="IMOD .xtilt file.")] = None,
-    mdoc: Annotated[
-        Path | None, typer.Option(help="SerialEM .mdoc: angles, acquisition order, dose, defocus.")
-    ] = None,
-    even_frames: Annotated[Path | None, typer.Option(help="Even-frame sums (MRC stack).")] = None,
-    odd_frames: Annotated[Path | None, typer.Option(help="Odd-frame sums (MRC stack).")] = None,
-    split: Annotated[str | None, typer.Option(help="even-odd, frames or random.")] = None,
-    random_fraction: Annotated[float | None, typer.Option()] = None,
-    acquisition_scheme: Annotated[
-        str | None, typer.Option(help="sequential or dose-symmetric (without an .mdoc).")
-    ] = None,
-    pixel_size_angstrom: Annotated[
-        float | None, typer.Option(help="Pixel size of the stack; default: from its header.")
-    ] = None,
-    bin: Annotated[int | None, typer.Option(help="Binning factor.")] = None,
-    binning_method: Annotated[str | None, typer.Option(help="fourier or average.")] = None,
-    thickness: Annotated[
-        int | None, typer.Option(help="Tomogram thickness in unbinned pixels.")
-    ] = None,
-    tilt_axis_offset_px: Annotated[float | None, typer.Option()] = None,
+    project_dir: Annotated[Path | None, _reconstruct_opt("project_dir")] = None,
+    tilt_series: Annotated[Path | None, _reconstruct_opt("tilt_series")] = None,
+    alignment: Annotated[Path | None, _reconstruct_opt("alignment")] = None,
+    tilt_angles: Annotated[Path | None, _reconstruct_opt("tilt_angles")] = None,
+    x_tilt_file: Annotated[Path | None, _reconstruct_opt("x_tilt_file")] = None,
+    mdoc: Annotated[Path | None, _reconstruct_opt("mdoc")] = None,
+    even_frames: Annotated[Path | None, _reconstruct_opt("even_frames")] = None,
+    odd_frames: Annotated[Path | None, _reconstruct_opt("odd_frames")] = None,
+    split: Annotated[str | None, _reconstruct_opt("split")] = None,
+    random_fraction: Annotated[float | None, _reconstruct_opt("random_fraction")] = None,
+    acquisition_scheme: Annotated[str | None, _reconstruct_opt("acquisition_scheme")] = None,
+    pixel_size_angstrom: Annotated[float | None, _reconstruct_opt("pixel_size_angstrom")] = None,
+    bin: Annotated[int | None, _reconstruct_opt("bin")] = None,
+    binning_method: Annotated[str | None, _reconstruct_opt("binning_method")] = None,
+    thickness: Annotated[int | None, _reconstruct_opt("thickness")] = None,
+    tilt_axis_offset_px: Annotated[float | None, _reconstruct_opt("tilt_axis_offset_px")] = None,
     exclude_views: Annotated[
-        list[int] | None, typer.Option(help="View to leave out (1-based, repeat for several).")
+        list[int] | None, _reconstruct_opt("exclude_views", syntax=_REPEAT)
     ] = None,
-    filter: Annotated[str | None, typer.Option(help="ramp, hamming or sirt.")] = None,
-    sirt_iterations: Annotated[int | None, typer.Option()] = None,
-    defocus_file: Annotated[
-        Path | None,
-        typer.Option(help="IMOD .defocus, CTFFIND output, or one defocus per line in µm."),
+    filter: Annotated[str | None, _reconstruct_opt("filter")] = None,
+    sirt_iterations: Annotated[int | None, _reconstruct_opt("sirt_iterations")] = None,
+    defocus_file: Annotated[Path | None, _reconstruct_opt("defocus_file")] = None,
+    ctf_correction: Annotated[str | None, _reconstruct_opt("ctf_correction")] = None,
+    wiener_deconvolution: Annotated[bool | None, _reconstruct_opt("wiener_deconvolution")] = None,
+    voltage_kv: Annotated[float | None, _reconstruct_opt("voltage_kv")] = None,
+    spherical_aberration_mm: Annotated[
+        float | None, _reconstruct_opt("spherical_aberration_mm")
     ] = None,
-    ctf_correction: Annotated[str | None, typer.Option(help="phase-flip or none.")] = None,
-    wiener_deconvolution: Annotated[bool | None, typer.Option()] = None,
-    voltage_kv: Annotated[float | None, typer.Option()] = None,
-    spherical_aberration_mm: Annotated[float | None, typer.Option()] = None,
-    amplitude_contrast: Annotated[float | None, typer.Option()] = None,
-    normalize_tilts: Annotated[
-        bool | None, typer.Option(help="Scale each view to zero mean, unit std (default on).")
-    ] = None,
-    log_counts: Annotated[
-        bool | None, typer.Option(help="Take the log of the counts before normalising.")
-    ] = None,
-    taper_px: Annotated[
-        int | None,
-        typer.Option(help="Fade the view borders over this many unbinned pixels (0: off)."),
-    ] = None,
-    dose_filter: Annotated[
-        bool | None, typer.Option(help="Exposure filter where each view's dose is known.")
-    ] = None,
-    erase_gold: Annotated[
-        bool | None, typer.Option(help="Erase gold fiducials where they are found (default on).")
-    ] = None,
-    gold_diameter_nm: Annotated[
-        float | None, typer.Option(help="Gold bead diameter in nm; default: measured.")
-    ] = None,
-    write_aligned_stack: Annotated[
-        bool | None, typer.Option(help="Also write the preprocessed, aligned, binned stack.")
-    ] = None,
-    output_dir: Annotated[Path | None, typer.Option()] = None,
-    gpu: GpuOpt = None,
-    seed: SeedOpt = None,
-    overwrite: Annotated[bool | None, typer.Option(help="Replace existing tomograms.")] = None,
+    amplitude_contrast: Annotated[float | None, _reconstruct_opt("amplitude_contrast")] = None,
+    normalize_tilts: Annotated[bool | None, _reconstruct_opt("normalize_tilts")] = None,
+    log_counts: Annotated[bool | None, _reconstruct_opt("log_counts")] = None,
+    taper_px: Annotated[int | None, _reconstruct_opt("taper_px")] = None,
+    dose_filter: Annotated[bool | None, _reconstruct_opt("dose_filter")] = None,
+    erase_gold: Annotated[bool | None, _reconstruct_opt("erase_gold")] = None,
+    gold_diameter_nm: Annotated[float | None, _reconstruct_opt("gold_diameter_nm")] = None,
+    write_aligned_stack: Annotated[bool | None, _reconstruct_opt("write_aligned_stack")] = None,
+    output_dir: Annotated[Path | None, _reconstruct_opt("output_dir")] = None,
+    gpu: Annotated[list[int] | None, _reconstruct_opt("gpu")] = None,
+    seed: Annotated[int | None, _reconstruct_opt("seed")] = None,
+    overwrite: Annotated[bool | None, _reconstruct_opt("overwrite")] = None,
 ) -> None:
     """Split a tilt series and reconstruct tomo0, tomo1 and the full tomogram.
 
@@ -318,28 +399,17 @@ def reconstruct_cmd(
 @_friendly
 def make_mask_cmd(
     config: ConfigOpt = None,
-    project_dir: ProjectOpt = None,
-    tomo_files: Annotated[list[Path] | None, typer.Option(help="Tomogram(s) to mask.")] = None,
-    density_percentage: Annotated[
-        float | None, typer.Option(help="Percentage of voxels kept for their local density.")
-    ] = None,
-    std_percentage: Annotated[
-        float | None,
-        typer.Option(
-            help="Percentage of voxels kept for their local structure (standard deviation)."
-        ),
-    ] = None,
-    sigma_px: Annotated[float | None, typer.Option(help="Smoothing width in voxels.")] = None,
-    bin_factor: Annotated[int | None, typer.Option(help="Compute on a binned copy.")] = None,
-    z_crop: Annotated[
-        float | None, typer.Option(help="Fraction of slices removed at the top and at the bottom.")
-    ] = None,
-    auto_z: Annotated[
-        bool | None, typer.Option(help="Remove the empty ice above and below the sample.")
-    ] = None,
-    polarity: Annotated[str | None, typer.Option(help="both, dark or bright.")] = None,
-    output_dir: Annotated[Path | None, typer.Option()] = None,
-    overwrite: Annotated[bool | None, typer.Option(help="Replace existing masks.")] = None,
+    project_dir: Annotated[Path | None, _mask_opt("project_dir")] = None,
+    tomo_files: Annotated[list[Path] | None, _mask_opt("tomo_files", syntax=_REPEAT)] = None,
+    density_percentage: Annotated[float | None, _mask_opt("density_percentage")] = None,
+    std_percentage: Annotated[float | None, _mask_opt("std_percentage")] = None,
+    sigma_px: Annotated[float | None, _mask_opt("sigma_px")] = None,
+    bin_factor: Annotated[int | None, _mask_opt("bin_factor")] = None,
+    z_crop: Annotated[float | None, _mask_opt("z_crop")] = None,
+    auto_z: Annotated[bool | None, _mask_opt("auto_z")] = None,
+    polarity: Annotated[str | None, _mask_opt("polarity")] = None,
+    output_dir: Annotated[Path | None, _mask_opt("output_dir")] = None,
+    overwrite: Annotated[bool | None, _mask_opt("overwrite")] = None,
 ) -> None:
     """Make sample masks (MRC + PNG overlay) to guide prepare-data's --mask-files."""
     cfg = step_config(
@@ -355,20 +425,23 @@ def make_mask_cmd(
 @_friendly
 def prepare_data_cmd(
     config: ConfigOpt = None,
-    project_dir: ProjectOpt = None,
-    tomo0_files: Tomo0Opt = None,
-    tomo1_files: Tomo1Opt = None,
-    mask_files: Annotated[list[Path] | None, typer.Option(help="Binary mask(s) (MRC).")] = None,
-    subtomo_size: SizeOpt = None,
-    mw_angle: MwOpt = None,
+    project_dir: Annotated[Path | None, _prepare_opt("project_dir")] = None,
+    tomo0_files: Annotated[list[Path] | None, _prepare_opt("tomo0_files", syntax=_REPEAT)] = None,
+    tomo1_files: Annotated[list[Path] | None, _prepare_opt("tomo1_files", syntax=_REPEAT)] = None,
+    mask_files: Annotated[list[Path] | None, _prepare_opt("mask_files", syntax=_REPEAT)] = None,
+    subtomo_size: Annotated[int | None, _prepare_opt("subtomo_size")] = None,
+    mw_angle: Annotated[float | None, _prepare_opt("mw_angle")] = None,
     subtomo_extraction_strides: Annotated[
-        list[int] | None, typer.Option(help="Strides z y x (give three times).")
+        list[int] | None,
+        _prepare_opt("subtomo_extraction_strides", syntax="Give the option three times."),
     ] = None,
-    min_nonzero_mask_fraction_in_subtomo: Annotated[float | None, typer.Option()] = None,
-    val_fraction: Annotated[float | None, typer.Option()] = None,
-    standardize_full_tomos: Annotated[bool | None, typer.Option()] = None,
-    seed: SeedOpt = None,
-    overwrite: Annotated[bool | None, typer.Option(help="Replace prepared data.")] = None,
+    min_nonzero_mask_fraction_in_subtomo: Annotated[
+        float | None, _prepare_opt("min_nonzero_mask_fraction_in_subtomo")
+    ] = None,
+    val_fraction: Annotated[float | None, _prepare_opt("val_fraction")] = None,
+    standardize_full_tomos: Annotated[bool | None, _prepare_opt("standardize_full_tomos")] = None,
+    seed: Annotated[int | None, _prepare_opt("seed")] = None,
+    overwrite: Annotated[bool | None, _prepare_opt("overwrite")] = None,
 ) -> None:
     """Extract paired sub-tomogram banks from half tomograms (sliding window, √3 margin)."""
     _run_prepare(config, {k: v for k, v in locals().items() if k != "config"})
@@ -378,38 +451,30 @@ def prepare_data_cmd(
 @_friendly
 def fit_model_cmd(
     config: ConfigOpt = None,
-    project_dir: ProjectOpt = None,
-    subtomo_size: SizeOpt = None,
-    mw_angle: MwOpt = None,
+    project_dir: Annotated[Path | None, _fit_opt("project_dir")] = None,
+    subtomo_size: Annotated[int | None, _fit_opt("subtomo_size")] = None,
+    mw_angle: Annotated[float | None, _fit_opt("mw_angle")] = None,
     unet_params_dict: Annotated[
-        str | None,
-        typer.Option(
-            help="U-Net options, e.g. '{chans: 32, num_downsample_layers: 3, drop_prob: 0}'."
-        ),
+        str | None, _fit_opt("unet_params_dict", syntax="Quote the mapping.")
     ] = None,
     adam_params_dict: Annotated[
-        str | None, typer.Option(help="Adam options, e.g. '{lr: 4e-4}'.")
+        str | None, _fit_opt("adam_params_dict", syntax="Quote the mapping.")
     ] = None,
-    num_epochs: Annotated[int | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
-    update_subtomo_missing_wedges_every_n_epochs: Annotated[int | None, typer.Option()] = None,
-    check_val_every_n_epochs: Annotated[int | None, typer.Option()] = None,
-    save_model_every_n_epochs: Annotated[int | None, typer.Option()] = None,
-    rotate: Annotated[
-        bool | None, typer.Option(help="Random rotations (--no-rotate for noise2noise-only).")
+    num_epochs: Annotated[int | None, _fit_opt("num_epochs")] = None,
+    batch_size: Annotated[int | None, _fit_opt("batch_size")] = None,
+    update_subtomo_missing_wedges_every_n_epochs: Annotated[
+        int | None, _fit_opt("update_subtomo_missing_wedges_every_n_epochs")
     ] = None,
-    wedge_mask: Annotated[
-        bool | None,
-        typer.Option(help="Extra wedge and masked loss (--no-wedge-mask for noise2noise-only)."),
-    ] = None,
-    interpolation: Annotated[str | None, typer.Option(help="cubic (default) or linear.")] = None,
-    precision: Annotated[
-        str | None, typer.Option(help="auto (bf16-mixed on GPUs, 32 on the CPU), 32 or bf16-mixed.")
-    ] = None,
-    gpu: GpuOpt = None,
-    seed: SeedOpt = None,
-    resume: Annotated[bool | None, typer.Option(help="Continue from latest.ckpt.")] = None,
-    overwrite: Annotated[bool | None, typer.Option(help="Discard an existing fit.")] = None,
+    check_val_every_n_epochs: Annotated[int | None, _fit_opt("check_val_every_n_epochs")] = None,
+    save_model_every_n_epochs: Annotated[int | None, _fit_opt("save_model_every_n_epochs")] = None,
+    rotate: Annotated[bool | None, _fit_opt("rotate")] = None,
+    wedge_mask: Annotated[bool | None, _fit_opt("wedge_mask")] = None,
+    interpolation: Annotated[str | None, _fit_opt("interpolation")] = None,
+    precision: Annotated[str | None, _fit_opt("precision")] = None,
+    gpu: Annotated[list[int] | None, _fit_opt("gpu")] = None,
+    seed: Annotated[int | None, _fit_opt("seed")] = None,
+    resume: Annotated[bool | None, _fit_opt("resume")] = None,
+    overwrite: Annotated[bool | None, _fit_opt("overwrite")] = None,
 ) -> None:
     """Fit the U-Net with the masked Fourier loss on randomly rotated sub-tomogram pairs."""
     overrides = {k: v for k, v in locals().items() if k != "config"}
@@ -422,29 +487,25 @@ def fit_model_cmd(
 @_friendly
 def refine_tomogram_cmd(
     config: ConfigOpt = None,
-    project_dir: ProjectOpt = None,
-    tomo0_files: Tomo0Opt = None,
-    tomo1_files: Tomo1Opt = None,
-    tomo_files: Annotated[
-        list[Path] | None,
-        typer.Option(help="Full tomogram(s) to refine instead of averaging refined halves."),
-    ] = None,
-    model_checkpoint_file: Annotated[
-        Path | None,
-        typer.Option(help="Checkpoint; default: best validation checkpoint of the project."),
-    ] = None,
-    subtomo_size: SizeOpt = None,
-    subtomo_overlap: Annotated[int | None, typer.Option()] = None,
-    mw_angle: MwOpt = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
-    recompute_normalization: Annotated[bool | None, typer.Option()] = None,
-    output_dir: Annotated[Path | None, typer.Option()] = None,
-    precision: Annotated[str | None, typer.Option()] = None,
+    project_dir: Annotated[Path | None, _refine_opt("project_dir")] = None,
+    tomo0_files: Annotated[list[Path] | None, _refine_opt("tomo0_files", syntax=_REPEAT)] = None,
+    tomo1_files: Annotated[list[Path] | None, _refine_opt("tomo1_files", syntax=_REPEAT)] = None,
+    tomo_files: Annotated[list[Path] | None, _refine_opt("tomo_files", syntax=_REPEAT)] = None,
+    model_checkpoint_file: Annotated[Path | None, _refine_opt("model_checkpoint_file")] = None,
+    subtomo_size: Annotated[int | None, _refine_opt("subtomo_size")] = None,
+    subtomo_overlap: Annotated[int | None, _refine_opt("subtomo_overlap")] = None,
+    mw_angle: Annotated[float | None, _refine_opt("mw_angle")] = None,
+    batch_size: Annotated[int | None, _refine_opt("batch_size")] = None,
+    recompute_normalization: Annotated[bool | None, _refine_opt("recompute_normalization")] = None,
+    output_dir: Annotated[Path | None, _refine_opt("output_dir")] = None,
+    precision: Annotated[str | None, _refine_opt("precision")] = None,
     gpu: Annotated[
         list[int] | None,
-        typer.Option(help="GPU index; repeat to split the tiles over several; omit for the CPU."),
+        _refine_opt(
+            "gpu", text="GPU index; repeat to split the tiles over several; omit for the CPU."
+        ),
     ] = None,
-    overwrite: Annotated[bool | None, typer.Option(help="Replace refined tomograms.")] = None,
+    overwrite: Annotated[bool | None, _refine_opt("overwrite")] = None,
 ) -> None:
     """Apply a fitted model to whole tomograms in overlapping, blended tiles."""
     _run_refine(config, {k: v for k, v in locals().items() if k != "config"})
@@ -494,8 +555,11 @@ def run_cmd(
 @_friendly
 def demo_cmd(
     output_dir: Annotated[Path, typer.Option(help="Where to write the demo.")] = Path("ddw_demo"),
-    seed: Annotated[int, typer.Option()] = 0,
-    num_epochs: Annotated[int | None, typer.Option(help="Fitting epochs per model.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    num_epochs: Annotated[
+        int | None,
+        typer.Option(help=_help("Length of each fit in epochs.", "num_epochs", DEMO["num_epochs"])),
+    ] = None,
 ) -> None:
     """Simulate a small tomogram, run FBP, noise2noise-only and DeepDeWedge, report CC."""
     from deepdewedge.demo import run_demo
@@ -510,26 +574,38 @@ def evaluate_cmd(
         list[Path], typer.Option(help="Volume to evaluate (MRC); repeat to compare several.")
     ],
     ground_truth: Annotated[Path, typer.Option(help="Ground-truth volume (MRC), same shape.")],
-    mw_angle: Annotated[float, typer.Option(help="Full opening angle of the missing wedge (°).")],
+    mw_angle: Annotated[
+        float, typer.Option(help="Full opening angle of the missing wedge in degrees.")
+    ],
     voxel_size_angstrom: Annotated[
         float | None, typer.Option(help="Voxel size in Å; default: from the MRC headers.")
     ] = None,
     particles: Annotated[
         Path | None,
-        typer.Option(help="Particle list: CSV with z_px,y_px,x_px[,box_px] or 'z y x' lines."),
+        typer.Option(
+            help="Particle list: CSV with z_px,y_px,x_px[,box_px] or 'z y x' lines; "
+            "default: none, no per-particle metrics."
+        ),
     ] = None,
     box_size: Annotated[
-        int | None, typer.Option(help="Particle box edge in voxels; default: box_px column.")
+        int | None, typer.Option(help="Particle box edge in px; default: the box_px column.")
     ] = None,
     json_file: Annotated[
-        Path | None, typer.Option("--json", help="Write metrics and FSC curves (JSON).")
+        Path | None,
+        typer.Option("--json", help="Write metrics and FSC curves (JSON); default: not written."),
     ] = None,
     csv_file: Annotated[
-        Path | None, typer.Option("--csv", help="Write one row of metrics per volume (CSV).")
+        Path | None,
+        typer.Option(
+            "--csv", help="Write one row of metrics per volume (CSV); default: not written."
+        ),
     ] = None,
-    figure: Annotated[Path | None, typer.Option(help="Write the FSC curves (PNG).")] = None,
+    figure: Annotated[
+        Path | None, typer.Option(help="Write the FSC curves (PNG); default: not written.")
+    ] = None,
     label: Annotated[
-        list[str] | None, typer.Option(help="Name of each --volume, in order; default: file name.")
+        list[str] | None,
+        typer.Option(help="Name of each --volume, in order; default: the file names."),
     ] = None,
 ) -> None:
     """Compare volumes with a ground truth: CC (all, outside, inside the wedge) and FSC."""

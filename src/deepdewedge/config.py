@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from deepdewedge.io.mrc import InputError
+from deepdewedge.io.errors import InputError
 
 SECTIONS = ("shared", "reconstruct", "make_mask", "prepare_data", "fit_model", "refine_tomogram")
 # Arithmetic of the U-Net: "auto" is bf16 autocast on GPUs and float32 on the CPU. YAML's
@@ -39,9 +39,12 @@ DISTRIBUTED_BACKENDS = ("nccl", "gloo")
 class _Step(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    project_dir: Path = Path("./ddw_project")
-    seed: int = 42
-    gpu: int | list[int] | None = None
+    project_dir: Path = Field(
+        Path("./ddw_project"),
+        description="Project directory: sub-tomograms, logs, checkpoints, refined tomograms.",
+    )
+    seed: int = Field(42, description="Random seed.")
+    gpu: int | list[int] | None = Field(None, description="GPU index; omit to run on the CPU.")
 
 
 class UNetParams(BaseModel):
@@ -75,17 +78,36 @@ class AdamParams(BaseModel):
 class PrepareDataConfig(_Step):
     """``ddw prepare-data``: sub-tomogram banks from pairs of half tomograms."""
 
-    tomo0_files: list[Path]
-    tomo1_files: list[Path]
-    subtomo_size: int = Field(96, ge=8)
-    mw_angle: float = Field(60.0, ge=0, lt=180)
-    subtomo_dir: Path | None = None  # default: {project_dir}/subtomos
-    mask_files: list[Path] | None = None
-    min_nonzero_mask_fraction_in_subtomo: float = Field(0.3, ge=0, le=1)
-    subtomo_extraction_strides: list[int] | None = None
-    val_fraction: float = Field(0.1, ge=0, lt=1)
-    standardize_full_tomos: bool = False
-    overwrite: bool = False
+    tomo0_files: list[Path] = Field(description="Half tomogram 0 of each tomogram (MRC).")
+    tomo1_files: list[Path] = Field(
+        description="Half tomogram 1 of each tomogram (MRC), in the order of tomo0_files."
+    )
+    subtomo_size: int = Field(96, ge=8, description="Edge of the sub-tomograms in px.")
+    mw_angle: float = Field(
+        60.0, ge=0, lt=180, description="Full opening angle of the missing wedge in degrees."
+    )
+    subtomo_dir: Path | None = Field(
+        None, description="Folder of the sub-tomogram banks; default: {project_dir}/subtomos."
+    )
+    mask_files: list[Path] | None = Field(
+        None,
+        description="Sample mask of each tomogram (MRC), in the order of tomo0_files; "
+        "default: no mask.",
+    )
+    min_nonzero_mask_fraction_in_subtomo: float = Field(
+        0.3, ge=0, le=1, description="Smallest fraction of a sub-tomogram inside the mask."
+    )
+    subtomo_extraction_strides: list[int] | None = Field(
+        None,
+        description="Sliding-window strides z, y, x in px; default: subtomo_size along each axis.",
+    )
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of the sub-tomograms kept for validation."
+    )
+    standardize_full_tomos: bool = Field(
+        False, description="Scale each half tomogram to zero mean, unit standard deviation."
+    )
+    overwrite: bool = Field(False, description="Replace prepared sub-tomograms.")
 
     @field_validator("subtomo_extraction_strides")
     @classmethod
@@ -121,36 +143,87 @@ class PrepareDataConfig(_Step):
 class FitModelConfig(_Step):
     """``ddw fit-model``: fit the U-Net on the sub-tomogram banks."""
 
-    # None: the size the sub-tomograms were prepared with.
-    subtomo_size: int | None = Field(None, ge=8)
-    subtomo_dir: Path | None = None  # default: {project_dir}/subtomos
-    logdir: Path | None = None  # default: {project_dir}/logs
-    mw_angle: float = Field(60.0, ge=0, lt=180)
-    unet_params_dict: UNetParams = UNetParams()
-    adam_params_dict: AdamParams = AdamParams()
-    num_epochs: int = Field(1000, ge=1)
-    batch_size: int = Field(5, ge=1)
-    update_subtomo_missing_wedges_every_n_epochs: int | None = Field(10, ge=1)
-    check_val_every_n_epochs: int = Field(10, ge=1)
-    save_model_every_n_epochs: int | None = Field(50, ge=1)
-    save_n_models_with_lowest_val_loss: int = Field(1, ge=0)
-    save_n_models_with_lowest_fitting_loss: int = Field(0, ge=0)
-    # Accepted for published configs: losses always go to {logdir}/losses.csv.
-    logger: Literal["csv", "tensorboard"] = "csv"
-    # Process-group backend of a fit launched by torchrun: nccl or gloo; None, or a published
-    # strategy name such as ddp, picks nccl on GPUs and gloo on the CPU.
-    distributed_backend: str | None = None
-    rotate: bool = True
-    wedge_mask: bool = True
-    interpolation: Literal["cubic", "linear"] = "cubic"
-    precision: Precision = "auto"
-    # GPU speed-ups: the U-Net in the channels-last 3D memory layout, and torch.compile
-    # (which falls back to the uncompiled network, with a warning, if compiling fails).
-    channels_last: bool = False
-    compile: bool = False
-    resume: bool = False
-    resume_from_checkpoint: Path | None = None
-    overwrite: bool = False
+    subtomo_size: int | None = Field(
+        None,
+        ge=8,
+        description="Edge of the fitted sub-tomograms in px; default: the size they were "
+        "prepared with.",
+    )
+    subtomo_dir: Path | None = Field(
+        None, description="Folder of the sub-tomogram banks; default: {project_dir}/subtomos."
+    )
+    logdir: Path | None = Field(
+        None, description="Folder of losses and checkpoints; default: {project_dir}/logs."
+    )
+    mw_angle: float = Field(
+        60.0, ge=0, lt=180, description="Full opening angle of the missing wedge in degrees."
+    )
+    unet_params_dict: UNetParams = Field(
+        UNetParams(),
+        description="U-Net architecture, e.g. {chans: 32, num_downsample_layers: 3, "
+        "drop_prob: 0}; keys not given keep their default.",
+    )
+    adam_params_dict: AdamParams = Field(
+        AdamParams(),
+        description="Adam options, e.g. {lr: 4e-4}; keys not given keep their default.",
+    )
+    num_epochs: int = Field(1000, ge=1, description="Length of the fit in epochs.")
+    batch_size: int = Field(
+        5, ge=1, description="Sub-tomogram pairs per step (over all processes)."
+    )
+    update_subtomo_missing_wedges_every_n_epochs: int | None = Field(
+        10,
+        ge=1,
+        description="Fill the missing wedges of the input sub-tomograms with the model's "
+        "prediction every this many epochs; null: never.",
+    )
+    check_val_every_n_epochs: int = Field(
+        10, ge=1, description="Compute the validation loss every this many epochs."
+    )
+    save_model_every_n_epochs: int | None = Field(
+        50, ge=1, description="Keep a checkpoint every this many epochs; null: never."
+    )
+    save_n_models_with_lowest_val_loss: int = Field(
+        1, ge=0, description="Checkpoints kept with the lowest validation loss."
+    )
+    save_n_models_with_lowest_fitting_loss: int = Field(
+        0, ge=0, description="Checkpoints kept with the lowest fitting loss."
+    )
+    logger: Literal["csv", "tensorboard"] = Field(
+        "csv",
+        description="Accepted for published configs: losses always go to {logdir}/losses.csv.",
+    )
+    distributed_backend: str | None = Field(
+        None,
+        description="Process-group backend of a fit launched by torchrun: nccl or gloo; "
+        "default (or a published strategy name such as ddp): nccl on GPUs, gloo on the CPU.",
+    )
+    rotate: bool = Field(
+        True, description="Rotate the sub-tomogram pairs at random (off: noise2noise-only)."
+    )
+    wedge_mask: bool = Field(
+        True,
+        description="Extra missing wedge on the input and the masked loss (off: noise2noise-only).",
+    )
+    interpolation: Literal["cubic", "linear"] = Field(
+        "cubic", description="Interpolation of the rotations: cubic or linear."
+    )
+    precision: Precision = Field(
+        "auto",
+        description="Arithmetic of the U-Net: auto (bf16-mixed on GPUs, 32 on the CPU), 32 or "
+        "bf16-mixed.",
+    )
+    channels_last: bool = Field(
+        False, description="GPU speed-up: the U-Net in the channels-last 3D memory layout."
+    )
+    compile: bool = Field(
+        False,
+        description="GPU speed-up: torch.compile the U-Net (falling back to the uncompiled "
+        "network, with a warning, if compiling fails).",
+    )
+    resume: bool = Field(False, description="Continue from the latest checkpoint.")
+    resume_from_checkpoint: Path | None = Field(None, description="Continue from this checkpoint.")
+    overwrite: bool = Field(False, description="Discard an existing fit.")
 
     @field_validator("distributed_backend")
     @classmethod
@@ -175,20 +248,54 @@ class FitModelConfig(_Step):
 class RefineTomogramConfig(_Step):
     """``ddw refine-tomogram``: apply the fitted model to whole tomograms."""
 
-    tomo0_files: list[Path] | None = None
-    tomo1_files: list[Path] | None = None
-    tomo_files: list[Path] | None = None
-    model_checkpoint_file: Path | None = None  # default: best checkpoint under logdir
-    logdir: Path | None = None  # default: {project_dir}/logs
-    # None: the size the model was fitted on.
-    subtomo_size: int | None = Field(None, ge=8)
-    subtomo_overlap: int | None = Field(None, ge=0)  # default: ceil(subtomo_size / 3)
-    mw_angle: float = Field(60.0, ge=0, lt=180)
-    batch_size: int = Field(8, ge=1)
-    recompute_normalization: bool = True
-    overwrite: bool = False
-    output_dir: Path | None = None
-    precision: Precision = "auto"
+    tomo0_files: list[Path] | None = Field(
+        None, description="Half tomogram 0 of each tomogram to refine (MRC)."
+    )
+    tomo1_files: list[Path] | None = Field(
+        None, description="Half tomogram 1 of each tomogram (MRC), in the order of tomo0_files."
+    )
+    tomo_files: list[Path] | None = Field(
+        None, description="Full tomograms to refine instead of averaging refined halves (MRC)."
+    )
+    model_checkpoint_file: Path | None = Field(
+        None, description="Fitted model; default: the best validation checkpoint under logdir."
+    )
+    logdir: Path | None = Field(
+        None, description="Folder of losses and checkpoints; default: {project_dir}/logs."
+    )
+    subtomo_size: int | None = Field(
+        None,
+        ge=8,
+        description="Edge of the tiles in px; default: the size the model was fitted on.",
+    )
+    subtomo_overlap: int | None = Field(
+        None,
+        ge=0,
+        description="Overlap of neighbouring tiles in px; default: subtomo_size / 3, rounded up.",
+    )
+    mw_angle: float = Field(
+        60.0,
+        ge=0,
+        lt=180,
+        description="Full opening angle of the missing wedge in degrees (accepted for "
+        "published configs; refining does not use it).",
+    )
+    batch_size: int = Field(8, ge=1, description="Tiles per forward pass.")
+    recompute_normalization: bool = Field(
+        True,
+        description="Normalise each tomogram with its own mean and standard deviation, not "
+        "those of the fitting data.",
+    )
+    overwrite: bool = Field(False, description="Replace refined tomograms.")
+    output_dir: Path | None = Field(
+        None,
+        description="Folder of the refined tomograms; default: {project_dir}/refined_tomograms.",
+    )
+    precision: Precision = Field(
+        "auto",
+        description="Arithmetic of the U-Net: auto (bf16-mixed on GPUs, 32 on the CPU), 32 or "
+        "bf16-mixed.",
+    )
 
     @field_validator("gpu")
     @classmethod
@@ -244,44 +351,110 @@ def check_overlap(subtomo_overlap: int, subtomo_size: int) -> None:
 class ReconstructConfig(_Step):
     """``ddw reconstruct``: tomo0, tomo1 and the full tomogram from a tilt series."""
 
-    tilt_series: Path
-    # Raw stack + alignment: IMOD .xf, AreTomo .aln, Warp .xml or RELION-5 tilt-series .star
-    alignment: Path | None = None
-    tilt_angles: Path | None = None  # IMOD .tlt / .rawtlt
-    x_tilt_file: Path | None = None  # IMOD .xtilt
-    mdoc: Path | None = None  # SerialEM: angles, acquisition order, dose, defocus
-    even_frames: Path | None = None  # frame-sum stacks of the even / odd movie frames
-    odd_frames: Path | None = None
-    split: Literal["even-odd", "frames", "random"] | None = None  # default: frames if given
-    random_fraction: float = Field(0.5, gt=0, lt=1)
-    acquisition_scheme: Literal["sequential", "dose-symmetric"] = "sequential"  # without .mdoc
-    pixel_size_angstrom: float | None = Field(None, gt=0)  # default: from the MRC header
-    bin: int = Field(1, ge=1)
-    binning_method: Literal["fourier", "average"] = "fourier"
-    thickness: int = Field(..., ge=1)  # in unbinned pixels, as in IMOD
-    tilt_axis_offset_px: float = 0.0  # in unbinned pixels
-    exclude_views: list[int] = []  # 1-based view numbers, as in IMOD
-    filter: Literal["ramp", "hamming", "sirt"] = "ramp"
-    sirt_iterations: int = Field(10, ge=1)
-    defocus_file: Path | None = None  # IMOD .defocus, CTFFIND output or a list in µm
-    ctf_correction: Literal["none", "phase-flip"] = "phase-flip"  # when defocus is known
-    wiener_deconvolution: bool = False
-    snr_falloff: float = Field(1.0, gt=0)
-    deconv_strength: float = Field(1.0, gt=0)
-    highpass_nyquist: float = Field(0.02, ge=0, lt=1)
-    voltage_kv: float = Field(300.0, gt=0)
-    spherical_aberration_mm: float = Field(2.7, ge=0)
-    amplitude_contrast: float = Field(0.07, ge=0, lt=1)
+    tilt_series: Path = Field(
+        description="Tilt series (MRC stack): raw with an alignment, or aligned."
+    )
+    alignment: Path | None = Field(
+        None,
+        description="Alignment of the raw stack: IMOD .xf (with tilt_angles), AreTomo .aln, "
+        "Warp .xml or RELION-5 tilt-series .star, recognised from the file.",
+    )
+    tilt_angles: Path | None = Field(
+        None, description="IMOD .tlt or .rawtlt file, where the alignment has no angles."
+    )
+    x_tilt_file: Path | None = Field(None, description="IMOD .xtilt file.")
+    mdoc: Path | None = Field(
+        None, description="SerialEM .mdoc: angles, acquisition order, dose, defocus."
+    )
+    even_frames: Path | None = Field(
+        None, description="Sums of the even movie frames of each view (MRC stack)."
+    )
+    odd_frames: Path | None = Field(
+        None, description="Sums of the odd movie frames of each view (MRC stack)."
+    )
+    split: Literal["even-odd", "frames", "random"] | None = Field(
+        None,
+        description="How to split into halves: even-odd (acquisition order), frames or "
+        "random; default: frames where even and odd frames are given, else even-odd.",
+    )
+    random_fraction: float = Field(
+        0.5, gt=0, lt=1, description="Fraction of the views in tomo0 with split random."
+    )
+    acquisition_scheme: Literal["sequential", "dose-symmetric"] = Field(
+        "sequential",
+        description="Acquisition order without an .mdoc: sequential or dose-symmetric.",
+    )
+    pixel_size_angstrom: float | None = Field(
+        None, gt=0, description="Pixel size of the stack in Å; default: from its MRC header."
+    )
+    bin: int = Field(1, ge=1, description="Binning factor of the tomograms.")
+    binning_method: Literal["fourier", "average"] = Field(
+        "fourier", description="Binning by Fourier cropping (fourier) or block averages."
+    )
+    thickness: int = Field(..., ge=1, description="Tomogram thickness in unbinned px, as in IMOD.")
+    tilt_axis_offset_px: float = Field(
+        0.0, description="Offset of the tilt axis from the image centre in unbinned px."
+    )
+    exclude_views: list[int] = Field(
+        [], description="Views to leave out, numbered from 1 as in IMOD."
+    )
+    filter: Literal["ramp", "hamming", "sirt"] = Field(
+        "ramp", description="Reconstruction filter: ramp, hamming or sirt (SIRT-like)."
+    )
+    sirt_iterations: int = Field(
+        10, ge=1, description="Iterations of SIRT that the sirt filter mimics."
+    )
+    defocus_file: Path | None = Field(
+        None, description="IMOD .defocus, CTFFIND output, or one defocus per line in µm."
+    )
+    ctf_correction: Literal["none", "phase-flip"] = Field(
+        "phase-flip", description="CTF correction where the defocus is known: phase-flip or none."
+    )
+    wiener_deconvolution: bool = Field(
+        False, description="Wiener-like CTF deconvolution of the tomograms (as in IsoNet)."
+    )
+    snr_falloff: float = Field(
+        1.0, gt=0, description="Fall of the modelled SNR with frequency (IsoNet's snrfalloff)."
+    )
+    deconv_strength: float = Field(
+        1.0, gt=0, description="Low-frequency SNR 10^(3 x this) (IsoNet's deconvstrength)."
+    )
+    highpass_nyquist: float = Field(
+        0.02,
+        ge=0,
+        lt=1,
+        description="High-pass cut-off as a fraction of Nyquist (IsoNet's hpnyquist).",
+    )
+    voltage_kv: float = Field(300.0, gt=0, description="Acceleration voltage in kV.")
+    spherical_aberration_mm: float = Field(2.7, ge=0, description="Spherical aberration in mm.")
+    amplitude_contrast: float = Field(
+        0.07, ge=0, lt=1, description="Fraction of amplitude contrast."
+    )
     # Real-data preprocessing of every view, each switched off on its own.
-    normalize_tilts: bool = True  # zero mean, unit standard deviation per view
-    log_counts: bool = False  # take the log of the counts before normalising
-    taper_px: int = Field(32, ge=0)  # border fade, unbinned px, at most 1/16 of the image; 0: off
-    dose_filter: bool = True  # exposure filter where the pre-exposure of every view is known
-    erase_gold: bool = True  # erase gold fiducials where they are found
-    gold_diameter_nm: float | None = Field(None, gt=0)  # default: measured from the images
-    write_aligned_stack: bool = False  # also write the preprocessed, aligned, binned stack
-    output_dir: Path | None = None  # default: {project_dir}/tomograms
-    overwrite: bool = False
+    normalize_tilts: bool = Field(
+        True, description="Scale each view to zero mean, unit standard deviation."
+    )
+    log_counts: bool = Field(False, description="Take the log of the counts before normalising.")
+    taper_px: int = Field(
+        32,
+        ge=0,
+        description="Fade the view borders over this many unbinned px, at most 1/16 of the "
+        "image; 0: off.",
+    )
+    dose_filter: bool = Field(
+        True, description="Exposure filter where the pre-exposure of every view is known."
+    )
+    erase_gold: bool = Field(True, description="Erase gold fiducials where they are found.")
+    gold_diameter_nm: float | None = Field(
+        None, gt=0, description="Gold bead diameter in nm; default: measured from the images."
+    )
+    write_aligned_stack: bool = Field(
+        False, description="Also write the preprocessed, aligned, binned stack."
+    )
+    output_dir: Path | None = Field(
+        None, description="Folder of the tomograms; default: {project_dir}/tomograms."
+    )
+    overwrite: bool = Field(False, description="Replace existing tomograms.")
 
     @model_validator(mode="after")
     def _sources(self) -> ReconstructConfig:
@@ -303,16 +476,121 @@ class ReconstructConfig(_Step):
 class MakeMaskConfig(_Step):
     """``ddw make-mask``: sample masks from local density and structure (IsoNet-style)."""
 
-    tomo_files: list[Path]
-    density_percentage: float = Field(50.0, gt=0, le=100)
-    std_percentage: float = Field(50.0, gt=0, le=100)
-    sigma_px: float = Field(2.0, gt=0)
-    bin_factor: int = Field(2, ge=1)
-    z_crop: float = Field(0.0, ge=0, lt=0.5)
-    auto_z: bool = True
-    polarity: Literal["both", "dark", "bright"] = "both"
-    output_dir: Path | None = None  # default: {project_dir}/masks
+    tomo_files: list[Path] = Field(description="Tomograms to mask (MRC).")
+    density_percentage: float = Field(
+        50.0, gt=0, le=100, description="Percentage of voxels kept for their local density."
+    )
+    std_percentage: float = Field(
+        50.0,
+        gt=0,
+        le=100,
+        description="Percentage of voxels kept for their local structure (standard deviation).",
+    )
+    sigma_px: float = Field(2.0, gt=0, description="Smoothing width in px of the tomogram.")
+    bin_factor: int = Field(2, ge=1, description="Compute on a copy binned by this factor.")
+    z_crop: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Fraction of the slices removed at the top and at the bottom.",
+    )
+    auto_z: bool = Field(True, description="Remove the empty ice above and below the sample.")
+    polarity: Literal["both", "dark", "bright"] = Field(
+        "both",
+        description="What counts as dense: a local mean far from the median on either side "
+        "(both), below it (dark) or above it (bright).",
+    )
+    output_dir: Path | None = Field(
+        None, description="Folder of the masks; default: {project_dir}/masks."
+    )
+    overwrite: bool = Field(False, description="Replace existing masks.")
+
+
+class SimulateConfig(BaseModel):
+    """``ddw simulate``: a synthetic tilt series, its ground truth and particle records.
+
+    Sizes are in voxels of ``voxel_size_angstrom``; ``thickness_px``, ``height_px`` and
+    ``width_px`` give the ground truth `(d, h, w)`, and the images are ``height_px`` by
+    ``width_px``.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    output_dir: Path = Path("simulation")
+    thickness_px: int = Field(64, ge=8)
+    height_px: int = Field(192, ge=8)
+    width_px: int = Field(192, ge=8)
+    voxel_size_angstrom: float = Field(10.0, gt=0)
+    ice_thickness_px: int | None = Field(None, ge=1)  # default: 3/4 of thickness_px
+    templates: list[str] | None = None  # default: all shipped templates
+    n_particles: int | None = Field(None, ge=0)  # default: 15% of the ice filled
+    n_vesicles: int = Field(2, ge=0)
+    n_sheets: int = Field(1, ge=0)
+    n_beads: int = Field(4, ge=0)
+    bead_radius_angstrom: float = Field(50.0, gt=0)
+    tilt_min_deg: float = Field(-60.0, gt=-90, lt=90)
+    tilt_max_deg: float = Field(60.0, gt=-90, lt=90)
+    tilt_step_deg: float = Field(3.0, gt=0)
+    acquisition_scheme: Literal["dose-symmetric", "sequential"] = "dose-symmetric"
+    dose_per_tilt_e_per_a2: float = Field(3.0, ge=0)  # written to the .mdoc only
+    snr: float = Field(0.25, gt=0)
+    ctf: bool = False
+    defocus_um: float = Field(3.0, gt=0)
+    voltage_kv: float = Field(300.0, gt=0)
+    spherical_aberration_mm: float = Field(2.7, ge=0)
+    amplitude_contrast: float = Field(0.07, ge=0, lt=1)
+    defocus_gradient: bool = True
+    n_frames: int = Field(0, ge=0)  # 0: no frames; else at least 2
+    seed: int = 42
     overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SimulateConfig:
+        if self.tilt_min_deg >= self.tilt_max_deg:
+            raise ValueError(
+                f"tilt_min_deg ({self.tilt_min_deg:g}) must be below tilt_max_deg "
+                f"({self.tilt_max_deg:g})"
+            )
+        if self.tilt_max_deg - self.tilt_min_deg < self.tilt_step_deg:
+            raise ValueError("tilt_step_deg is larger than the tilt range; give a smaller step")
+        if self.ice_thickness_px is not None and self.ice_thickness_px > self.thickness_px:
+            raise ValueError(
+                f"ice_thickness_px ({self.ice_thickness_px}) exceeds thickness_px "
+                f"({self.thickness_px}); the ice must fit in the tomogram"
+            )
+        if self.n_frames == 1:
+            raise ValueError("n_frames must be 0 (no frames) or at least 2")
+        if self.templates is not None:
+            # The shipped templates are listed by the simulator, imported only when needed.
+            from deepdewedge.simulate.templates import template_names
+
+            known = template_names()
+            unknown = [name for name in self.templates if name not in known]
+            if unknown or not self.templates:
+                raise ValueError(
+                    f"unknown template(s) {', '.join(unknown) or '(none given)'}; choose from "
+                    f"{', '.join(known)}"
+                )
+        return self
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        """`(d, h, w)` of the ground truth."""
+        return (self.thickness_px, self.height_px, self.width_px)
+
+
+# Fixed settings of `ddw demo` (a few minutes on a CPU); only the number of epochs is an option.
+DEMO = {
+    "shape_zyx": (48, 96, 96),
+    "snr": 0.25,
+    "voxel_size": 10.0,
+    "subtomo_size": 32,
+    "strides": [16, 16, 16],
+    "unet": {"chans": 8, "num_downsample_layers": 2, "drop_prob": 0.0},
+    "num_epochs": 30,
+    "batch_size": 8,
+    "lr": 1e-3,
+}
 
 
 STEP_MODELS: dict[str, type[_Step]] = {

@@ -11,24 +11,13 @@ import numpy as np
 import torch
 
 from deepdewedge import pipeline
-from deepdewedge.config import step_config
+from deepdewedge.config import DEMO, step_config
 from deepdewedge.evaluate.figures import orthoslice_figure
 from deepdewedge.evaluate.metrics import correlation_coefficient
 from deepdewedge.io.mrc import read_volume, write_volume
 from deepdewedge.simulate import simulate_tomogram
 
 # Small enough for a few minutes on two CPU cores, large enough to show the method.
-DEMO = {
-    "shape_zyx": (48, 96, 96),
-    "snr": 0.25,
-    "voxel_size": 10.0,
-    "subtomo_size": 32,
-    "strides": [16, 16, 16],
-    "unet": {"chans": 8, "num_downsample_layers": 2, "drop_prob": 0.0},
-    "num_epochs": 30,
-    "batch_size": 8,
-    "lr": 1e-3,
-}
 
 
 def run_demo(

@@ -25,18 +25,19 @@ import math
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from deepdewedge import __version__
+from deepdewedge.config import SimulateConfig
 from deepdewedge.io.atomic import atomic_write
 from deepdewedge.io.errors import InputError
 from deepdewedge.io.mrc import write_volume
 from deepdewedge.pipeline.common import check_writable, write_record
-from deepdewedge.simulate import load_templates, simulate_dataset, template_names
+from deepdewedge.simulate import load_templates, simulate_dataset
 from deepdewedge.simulate.dataset import SimulatedDataset
 
 __all__ = ["PARTICLES_HEADER", "SimulateConfig", "simulate", "simulate_config"]
@@ -56,76 +57,6 @@ STEM = "ts"
 # A fixed, fictitious session start keeps the .mdoc identical for identical settings.
 _SESSION_START = datetime(2024, 1, 15, 9, 0, 0)
 _SECONDS_PER_TILT = 30
-
-
-class SimulateConfig(BaseModel):
-    """``ddw simulate``: a synthetic tilt series, its ground truth and particle records.
-
-    Sizes are in voxels of ``voxel_size_angstrom``; ``thickness_px``, ``height_px`` and
-    ``width_px`` give the ground truth `(d, h, w)`, and the images are ``height_px`` by
-    ``width_px``.
-    """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    output_dir: Path = Path("simulation")
-    thickness_px: int = Field(64, ge=8)
-    height_px: int = Field(192, ge=8)
-    width_px: int = Field(192, ge=8)
-    voxel_size_angstrom: float = Field(10.0, gt=0)
-    ice_thickness_px: int | None = Field(None, ge=1)  # default: 3/4 of thickness_px
-    templates: list[str] | None = None  # default: all shipped templates
-    n_particles: int | None = Field(None, ge=0)  # default: 15% of the ice filled
-    n_vesicles: int = Field(2, ge=0)
-    n_sheets: int = Field(1, ge=0)
-    n_beads: int = Field(4, ge=0)
-    bead_radius_angstrom: float = Field(50.0, gt=0)
-    tilt_min_deg: float = Field(-60.0, gt=-90, lt=90)
-    tilt_max_deg: float = Field(60.0, gt=-90, lt=90)
-    tilt_step_deg: float = Field(3.0, gt=0)
-    acquisition_scheme: Literal["dose-symmetric", "sequential"] = "dose-symmetric"
-    dose_per_tilt_e_per_a2: float = Field(3.0, ge=0)  # written to the .mdoc only
-    snr: float = Field(0.25, gt=0)
-    ctf: bool = False
-    defocus_um: float = Field(3.0, gt=0)
-    voltage_kv: float = Field(300.0, gt=0)
-    spherical_aberration_mm: float = Field(2.7, ge=0)
-    amplitude_contrast: float = Field(0.07, ge=0, lt=1)
-    defocus_gradient: bool = True
-    n_frames: int = Field(0, ge=0)  # 0: no frames; else at least 2
-    seed: int = 42
-    overwrite: bool = False
-
-    @model_validator(mode="after")
-    def _consistent(self) -> SimulateConfig:
-        if self.tilt_min_deg >= self.tilt_max_deg:
-            raise ValueError(
-                f"tilt_min_deg ({self.tilt_min_deg:g}) must be below tilt_max_deg "
-                f"({self.tilt_max_deg:g})"
-            )
-        if self.tilt_max_deg - self.tilt_min_deg < self.tilt_step_deg:
-            raise ValueError("tilt_step_deg is larger than the tilt range; give a smaller step")
-        if self.ice_thickness_px is not None and self.ice_thickness_px > self.thickness_px:
-            raise ValueError(
-                f"ice_thickness_px ({self.ice_thickness_px}) exceeds thickness_px "
-                f"({self.thickness_px}); the ice must fit in the tomogram"
-            )
-        if self.n_frames == 1:
-            raise ValueError("n_frames must be 0 (no frames) or at least 2")
-        if self.templates is not None:
-            known = template_names()
-            unknown = [name for name in self.templates if name not in known]
-            if unknown or not self.templates:
-                raise ValueError(
-                    f"unknown template(s) {', '.join(unknown) or '(none given)'}; choose from "
-                    f"{', '.join(known)}"
-                )
-        return self
-
-    @property
-    def shape_zyx(self) -> tuple[int, int, int]:
-        """`(d, h, w)` of the ground truth."""
-        return (self.thickness_px, self.height_px, self.width_px)
 
 
 def simulate_config(**values: Any) -> SimulateConfig:
