@@ -21,7 +21,7 @@ import numpy as np
 
 from deepdewedge.io.errors import InputError
 from deepdewedge.io.geometry import TiltSeriesGeometry
-from deepdewedge.io.tilts import _number, _read_lines, _show
+from deepdewedge.io.tilts import _number_rows
 
 __all__ = ["read_imod_xf", "read_x_tilt_angles"]
 
@@ -35,20 +35,14 @@ _STRETCH_TOLERANCE = 1e-3
 
 def _xf_rows(path: Path) -> tuple[np.ndarray, list[int]]:
     """The `(n, 6)` numbers of an .xf and the line number of each row."""
-    lines = _read_lines(path, kind=_XF_KIND)
-    if not lines:
-        raise InputError(f"{path}: empty; give the {_XF_KIND}")
-    fix = f"give the {_XF_KIND}"
-    rows = []
-    for lineno, line in lines:
-        tokens = line.split()
-        if len(tokens) != 6:
-            raise InputError(
-                f"{path}: line {lineno} ({_show(line)}) holds {len(tokens)} values; an IMOD .xf "
-                "has six per line: A11 A12 A21 A22 DX DY"
-            )
-        rows.append([_number(path, lineno, t, what="value", fix=fix) for t in tokens])
-    return np.asarray(rows, dtype=np.float64), [lineno for lineno, _ in lines]
+    rows = _number_rows(
+        path,
+        kind=_XF_KIND,
+        columns=6,
+        what="value",
+        layout="an IMOD .xf has six per line: A11 A12 A21 A22 DX DY",
+    )
+    return np.asarray([r for _, r in rows], dtype=np.float64), [lineno for lineno, _ in rows]
 
 
 def read_x_tilt_angles(path: str | os.PathLike, *, n_views: int) -> np.ndarray:
@@ -73,18 +67,10 @@ def read_x_tilt_angles(path: str | os.PathLike, *, n_views: int) -> np.ndarray:
         values.
     """
     path = Path(path)
-    lines = _read_lines(path, kind=_XTILT_KIND)
-    values = []
-    for lineno, line in lines:
-        tokens = line.split()
-        if len(tokens) != 1:
-            raise InputError(
-                f"{path}: line {lineno} ({_show(line)}) holds {len(tokens)} values; give the "
-                f"{_XTILT_KIND}"
-            )
-        values.append(
-            _number(path, lineno, tokens[0], what="x tilt", fix=f"give the {_XTILT_KIND}")
-        )
+    rows = _number_rows(
+        path, kind=_XTILT_KIND, columns=1, what="x tilt", layout=f"give the {_XTILT_KIND}"
+    )
+    values = [value for _, (value,) in rows]
     if len(values) == 1:
         return np.full(n_views, values[0])
     if len(values) != n_views:

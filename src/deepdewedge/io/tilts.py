@@ -67,6 +67,29 @@ def _number(path: Path, lineno: int, token: str, *, what: str, fix: str) -> floa
     return value
 
 
+def _number_rows(
+    path: Path, *, kind: str, columns: int, what: str, layout: str
+) -> list[tuple[int, list[float]]]:
+    """Rows of ``columns`` finite numbers with their 1-based line numbers; one-line errors.
+
+    ``layout`` ends the message for a row with another number of values, e.g. "a tilt-angle
+    file has one angle in degrees per line".
+    """
+    lines = _read_lines(path, kind=kind)
+    if not lines:
+        raise InputError(f"{path}: empty; give the {kind}")
+    rows = []
+    for lineno, line in lines:
+        tokens = line.split()
+        if len(tokens) != columns:
+            raise InputError(
+                f"{path}: line {lineno} ({_show(line)}) holds {len(tokens)} values; {layout}"
+            )
+        fix = f"give the {kind}"
+        rows.append((lineno, [_number(path, lineno, t, what=what, fix=fix) for t in tokens]))
+    return rows
+
+
 # --------------------------------------------------------------------------- tilt angles
 
 
@@ -92,18 +115,15 @@ def read_tilt_angles(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     kind = "tilt-angle file (.tlt / .rawtlt, one angle in degrees per line)"
-    lines = _read_lines(path, kind=kind)
-    if not lines:
-        raise InputError(f"{path}: empty; give the {kind}")
     angles = []
-    for lineno, line in lines:
-        tokens = line.split()
-        if len(tokens) != 1:
-            raise InputError(
-                f"{path}: line {lineno} ({_show(line)}) holds {len(tokens)} values; a tilt-angle "
-                "file has one angle in degrees per line"
-            )
-        angle = _number(path, lineno, tokens[0], what="tilt angle", fix=f"give the {kind}")
+    rows = _number_rows(
+        path,
+        kind=kind,
+        columns=1,
+        what="tilt angle",
+        layout="a tilt-angle file has one angle in degrees per line",
+    )
+    for lineno, (angle,) in rows:
         if not -90.0 <= angle <= 90.0:
             raise InputError(
                 f"{path}: line {lineno}: tilt angle {angle:g} is outside -90..90°; give the "
