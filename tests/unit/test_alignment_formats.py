@@ -16,6 +16,7 @@ from alignment_writers import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from messages import assert_one_line
 
 from deepdewedge.io.alignment import alignment_format, read_alignment
 from deepdewedge.io.aretomo import read_aretomo_aln, read_aretomo_pre_exposure
@@ -39,14 +40,6 @@ GEOMETRY_FIELDS = (
     "pre_exposure_e_per_a2",
     "defocus_um",
 )
-
-
-def _assert_one_line(err, path):
-    message = str(err.value)
-    assert "\n" not in message and "\r" not in message
-    assert str(path) in message
-    assert ";" in message  # what is wrong; how to fix it
-    return message
 
 
 def _assert_same(back, geometry, names, *, where=None, atol=1e-4):
@@ -497,7 +490,7 @@ def test_aretomo_tlt_txt_without_dose(tmp_path, caplog):
     tlt_txt.write_text("".join(f"{t:8.2f}  {k + 1:4d}\n" for k, t in enumerate(range(-6, 7, 3))))
     with pytest.raises(InputError) as err:
         read_aretomo_aln(aln, tlt_file=tlt_txt)
-    assert "dose" in _assert_one_line(err, tlt_txt)
+    assert "dose" in assert_one_line(err, tlt_txt)
     with caplog.at_level(logging.WARNING, logger="deepdewedge.io.alignment"):
         geometry = read_alignment(aln, n_views=5, pixel_size_angstrom=1.0)
     assert not geometry.has_dose and "dose" in caplog.records[0].getMessage()
@@ -643,7 +636,7 @@ def test_every_bad_input_is_one_line_naming_the_file(tmp_path):
             read_alignment(path, **keywords)
         message = str(err.value)
         named = keywords.get("x_tilt_file") or path
-        _assert_one_line(err, named)
+        assert_one_line(err, named)
         assert needle in message, (path.name, message)
 
 
@@ -653,7 +646,7 @@ def test_disagreeing_angles_name_both_files(tmp_path):
     far = write_tlt(tmp_path / "far.tlt", [-3.0, 0.0, 4.0])
     with pytest.raises(InputError) as err:
         read_alignment(xml, n_views=3, pixel_size_angstrom=PIXEL, tilt_angles=far)
-    message = _assert_one_line(err, xml)
+    message = assert_one_line(err, xml)
     assert str(far) in message and "view 3" in message
 
 
@@ -662,4 +655,4 @@ def test_inverted_angles_hint_in_the_message(tmp_path):
     tlt = write_tlt(tmp_path / "a.tlt", [-3.0, 0.0, 3.0])
     with pytest.raises(InputError) as err:
         read_alignment(xml, n_views=3, pixel_size_angstrom=1.0, tilt_angles=tlt)
-    assert "opposite signs" in _assert_one_line(err, xml)
+    assert "opposite signs" in assert_one_line(err, xml)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from messages import assert_one_line
 
 from deepdewedge.io.mrc import InputError
 from deepdewedge.io.tilts import (
@@ -21,14 +22,6 @@ def _write(path, text, *, crlf=False):
     data = text.replace("\n", "\r\n") if crlf else text
     path.write_bytes(data.encode())
     return path
-
-
-def _assert_one_line(err, path):
-    message = str(err.value)
-    assert "\n" not in message and "\r" not in message
-    assert str(path) in message
-    assert ";" in message  # what is wrong; how to fix it
-    return message
 
 
 # --------------------------------------------------------------------------- tilt angles
@@ -74,7 +67,7 @@ def test_tilt_angle_errors_are_one_line(tmp_path, kind, needle):
         path.write_bytes(contents[kind])
     with pytest.raises(InputError) as err:
         read_tilt_angles(path)
-    assert needle in _assert_one_line(err, path)
+    assert needle in assert_one_line(err, path)
 
 
 # --------------------------------------------------------------------------- acquisition order
@@ -266,14 +259,14 @@ def test_mdoc_errors_are_one_line(tmp_path, text, needle):
     path = _write(tmp_path / "bad.mdoc", text, crlf=True)
     with pytest.raises(InputError) as err:
         read_mdoc(path)
-    assert needle in _assert_one_line(err, path)
+    assert needle in assert_one_line(err, path)
 
 
 def test_mdoc_missing_file(tmp_path):
     path = tmp_path / "none.mdoc"
     with pytest.raises(InputError) as err:
         read_mdoc(path)
-    assert "no such file" in _assert_one_line(err, path)
+    assert "no such file" in assert_one_line(err, path)
 
 
 # --------------------------------------------------------------------------- defocus
@@ -350,11 +343,11 @@ def test_defocus_errors_are_one_line(tmp_path, text, n_tilts, needle):
     path = _write(tmp_path / "bad.defocus", text)
     with pytest.raises(InputError) as err:
         read_defocus(path, n_tilts=n_tilts)
-    assert needle in _assert_one_line(err, path)
+    assert needle in assert_one_line(err, path)
 
 
 def test_defocus_missing_file(tmp_path):
     path = tmp_path / "none.defocus"
     with pytest.raises(InputError) as err:
         read_defocus(path)
-    assert "no such file" in _assert_one_line(err, path)
+    assert "no such file" in assert_one_line(err, path)
