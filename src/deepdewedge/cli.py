@@ -471,6 +471,7 @@ def fit_model_cmd(
     wedge_mask: Annotated[bool | None, _fit_opt("wedge_mask")] = None,
     interpolation: Annotated[str | None, _fit_opt("interpolation")] = None,
     precision: Annotated[str | None, _fit_opt("precision")] = None,
+    micro_batch_size: Annotated[int | None, _fit_opt("micro_batch_size")] = None,
     gpu: Annotated[list[int] | None, _fit_opt("gpu")] = None,
     seed: Annotated[int | None, _fit_opt("seed")] = None,
     resume: Annotated[bool | None, _fit_opt("resume")] = None,

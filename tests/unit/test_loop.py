@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from deepdewedge.fit import loop
+from deepdewedge.fit import step as fit_step
 from deepdewedge.fit.loop import Banks, Callbacks, FitSettings, fit
 from deepdewedge.model.unet import DeWedgeModel
 
@@ -76,13 +77,13 @@ def test_running_loss_is_read_every_n_steps(tmp_path):
 
 
 def test_non_finite_loss_stops_the_fit_before_a_checkpoint(tmp_path, monkeypatch):
-    real_loss, calls = loop.masked_fourier_loss, []
+    real_loss, calls = fit_step.masked_fourier_loss, []
 
     def second_step_diverges(output, target, weights):
         calls.append(1)
         return real_loss(output, target, weights) * (math.nan if len(calls) == 2 else 1.0)
 
-    monkeypatch.setattr(loop, "masked_fourier_loss", second_step_diverges)
+    monkeypatch.setattr(fit_step, "masked_fourier_loss", second_step_diverges)
     # Read at steps 1 and 3 only: the NaN of step 2 is still caught within its epoch.
     with pytest.raises(FloatingPointError, match="fitting loss became nan at epoch 0; lower"):
         _fit(tmp_path, sync_every_n_steps=4)
@@ -143,13 +144,13 @@ def test_channels_last_fits_like_the_default_layout(tmp_path):
 
 def test_bf16_mixed_keeps_the_fourier_loss_in_float32(tmp_path, monkeypatch):
     dtypes = []
-    real_loss = loop.masked_fourier_loss
+    real_loss = fit_step.masked_fourier_loss
 
     def spy(output, target, weights):
         dtypes.append(output.dtype)
         return real_loss(output, target, weights)
 
-    monkeypatch.setattr(loop, "masked_fourier_loss", spy)
+    monkeypatch.setattr(fit_step, "masked_fourier_loss", spy)
     history, _, _ = _fit(tmp_path, num_epochs=1, precision="bf16-mixed")
     assert set(dtypes) == {torch.float32}
     assert math.isfinite(history[0]["fitting_loss"]) and math.isfinite(history[0]["val_loss"])
@@ -169,3 +170,17 @@ def test_cuda_banks_in_host_memory_fit_like_resident_banks(
     host, _, _ = _fit(tmp_path, device=device, precision=precision, **options)
     for got, want in zip(host, resident, strict=True):
         assert got["fitting_loss"] == pytest.approx(want["fitting_loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_micro_batches_fit_like_the_whole_batch(tmp_path, micro):
+    """Batches of 3 in micro-batches of 1 or 2 (+1): the same losses and parameters."""
+    expected, reference, _ = _fit(tmp_path)
+    history, model, _ = _fit(tmp_path, micro_batch_size=micro)
+    for got, want in zip(history, expected, strict=True):
+        assert got["fitting_loss"] == pytest.approx(want["fitting_loss"], rel=1e-5)
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    x = torch.randn(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model.eval()(x), reference.eval()(x)
+    assert float((ours - theirs).norm() / theirs.norm()) < 1e-4

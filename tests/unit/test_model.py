@@ -71,6 +71,35 @@ def test_wedge_update_replaces_only_the_wedge():
     assert (spec_in * (1 - mask)).abs().max() > 1.0
 
 
+class _Recorder(torch.nn.Module):
+    """Doubles its input and keeps what it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return 2 * x + x.square()
+
+
+def test_wedge_update_predicts_from_the_crop_with_its_wedge_emptied():
+    crops = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    mask = missing_wedge_mask((16, 16, 16), mw_angle_deg=60)
+    model = _Recorder()
+    options = {"mw_angle_deg": 60, "size_multiple": 4, "batch_size": 2}
+    once = fill_missing_wedges(model, crops, device=torch.device("cpu"), **options)
+    # What the network saw holds nothing in the wedge, as every fitting input.
+    seen = torch.fft.rfftn(model.seen[0][:, 0], dim=(-3, -2, -1))
+    assert (seen * (1 - mask)).abs().max() < 1e-3
+    measured = torch.fft.rfftn(crops, dim=(-3, -2, -1)) * mask
+    torch.testing.assert_close(seen * mask, measured, atol=1e-4, rtol=1e-4)
+    # A second update with the same network changes nothing: no feedback of earlier fills.
+    twice = fill_missing_wedges(model, once, device=torch.device("cpu"), **options)
+    torch.testing.assert_close(twice, once, atol=1e-4, rtol=1e-4)
+    assert float((once - crops).abs().max()) > 0.1  # the wedge was filled at all
+
+
 def test_wedge_update_pads_odd_sizes_for_the_network():
     model = DeWedgeModel(chans=2, num_downsample_layers=2)
     crops = torch.randn(2, 13, 13, 13)

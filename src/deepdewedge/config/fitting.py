@@ -180,8 +180,15 @@ class FitModelConfig(_Step):
     )
     precision: Precision = Field(
         "auto",
-        description="Arithmetic of the U-Net: auto (bf16-mixed on GPUs, 32 on the CPU), 32 or "
-        "bf16-mixed.",
+        description="Arithmetic of the U-Net: auto (bf16-mixed on GPUs and on CPUs with native "
+        "bf16, else 32), 32 or bf16-mixed.",
+    )
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Sub-tomograms per forward and backward pass; their gradients add up to "
+        "the batch's, so the fit is the same. null: the whole batch on GPUs, as many as fit "
+        "the CPU's cache on the CPU.",
     )
     channels_last: bool = Field(
         False, description="GPU speed-up: the U-Net in the channels-last 3D memory layout."
@@ -263,8 +270,8 @@ class RefineTomogramConfig(_Step):
     )
     precision: Precision = Field(
         "auto",
-        description="Arithmetic of the U-Net: auto (bf16-mixed on GPUs, 32 on the CPU), 32 or "
-        "bf16-mixed.",
+        description="Arithmetic of the U-Net: auto (bf16-mixed on GPUs and on CPUs with native "
+        "bf16, else 32), 32 or bf16-mixed.",
     )
 
     @field_validator("gpu")

@@ -48,7 +48,7 @@ def fill_missing_wedges(
     -------
     torch.Tensor
         `(n_crops, S, S, S)` on the device of `crops`:
-        ``F⁻¹(M · F(crop) + (1 − M) · F(model(crop)))``.
+        ``F⁻¹(M · F(crop) + (1 − M) · F(model(F⁻¹(M · F(crop)))))``.
 
     Notes
     -----
@@ -57,6 +57,11 @@ def fill_missing_wedges(
     extra masks of Eq. (2), is replaced by its current estimate. Later inputs then carry less
     missing-wedge artefact, closer to the inputs seen in refinement. Targets stay measured
     data, which the loss needs.
+
+    The network predicts from the crop with its wedge emptied (``M · F(crop)``), as the
+    published update does: fitting inputs never hold anything in the masked region, and
+    predicting from an earlier fill would feed the network its own output. Each update thus
+    depends only on the measured data and the current network, however many came before.
     """
     was_training = model.training
     model.eval()
@@ -65,12 +70,13 @@ def fill_missing_wedges(
     out = torch.empty_like(crops)
     for i in range(0, len(crops), batch_size):
         x = crops[i : i + batch_size].to(device)
-        padded, lo = _pad_to_multiple(x[:, None], size_multiple)
+        measured = mask * torch.fft.rfftn(x, dim=(-3, -2, -1))
+        masked = torch.fft.irfftn(measured, s=x.shape[-3:], dim=(-3, -2, -1))
+        padded, lo = _pad_to_multiple(masked[:, None], size_multiple)
         pred = model(padded)[:, 0, lo : lo + big, lo : lo + big, lo : lo + big]
-        spec = torch.fft.rfftn(x, dim=(-3, -2, -1))
         spec_pred = torch.fft.rfftn(pred.float(), dim=(-3, -2, -1))
         filled = torch.fft.irfftn(
-            mask * spec + (1 - mask) * spec_pred, s=x.shape[-3:], dim=(-3, -2, -1)
+            measured + (1 - mask) * spec_pred, s=x.shape[-3:], dim=(-3, -2, -1)
         )
         out[i : i + batch_size] = filled.to(out.device)
     model.train(was_training)

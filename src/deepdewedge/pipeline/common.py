@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from deepdewedge import __version__
+from deepdewedge.cpu import has_native_bf16
 from deepdewedge.io.atomic import atomic_write
 from deepdewedge.io.errors import InputError
 from deepdewedge.io.mrc import release_planes
@@ -36,10 +37,15 @@ def provenance(config: Any) -> dict[str, Any]:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The U-Net's arithmetic: "auto" means bf16 autocast on a GPU that has it, else float32."""
+    """The U-Net's arithmetic: "auto" is bf16 autocast where bf16 is native, else float32.
+
+    Native: a GPU that supports bf16, or a CPU with AVX512-BF16 or AMX instructions.
+    """
     if precision != "auto":
         return precision
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    if device.type == "cpu" and has_native_bf16():
         return "bf16-mixed"
     return "32"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from deepdewedge.config import (
     RefineTomogramConfig,
     check_divisible,
 )
+from deepdewedge.cpu import cpu_micro_batch, set_cpu_threads
 from deepdewedge.evaluate.figures import loss_curve_figure
 from deepdewedge.fit import distributed
 from deepdewedge.fit.distributed import DistContext
@@ -98,6 +100,19 @@ def _fit_model(
         )
     torch.manual_seed(config.seed)
     model = build_model(unet_params)
+    precision = resolve_precision(config.precision, device)
+    micro_batch = config.micro_batch_size
+    if device.type == "cpu":
+        threads = set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if micro_batch is None:
+            micro_batch = cpu_micro_batch(unet_params["chans"], subtomo_size, precision)
+        if dist.is_main:
+            log.info(
+                "fitting on the CPU: %d threads, precision %s, micro-batches of %d",
+                threads,
+                precision,
+                min(micro_batch, config.batch_size),
+            )
     adam = config.adam_params_dict.model_dump()
     adam["betas"] = tuple(adam["betas"])
     settings = FitSettings(
@@ -115,7 +130,8 @@ def _fit_model(
         save_every=config.save_model_every_n_epochs,
         keep_best_val=config.save_n_models_with_lowest_val_loss,
         keep_best_fit=config.save_n_models_with_lowest_fitting_loss,
-        precision=resolve_precision(config.precision, device),
+        precision=precision,
+        micro_batch_size=micro_batch,
         channels_last=config.channels_last,
         compile=config.compile,
         device=device,

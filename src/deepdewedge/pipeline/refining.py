@@ -17,6 +17,7 @@ from deepdewedge.config import (
     check_divisible,
     check_overlap,
 )
+from deepdewedge.cpu import set_cpu_threads
 from deepdewedge.evaluate.figures import orthoslice_figure
 from deepdewedge.io.atomic import remove_stale_temporaries
 from deepdewedge.io.mrc import InputError, map_volume, new_volume, release_planes
@@ -73,6 +74,8 @@ def refine_tomogram(
     devices = _devices(config.gpu)
     model.to(devices[0])
     out_dir = Path(config.output_dir or Path(config.project_dir) / "refined_tomograms")
+    if devices[0].type == "cpu":
+        set_cpu_threads()
     precision = resolve_precision(config.precision, devices[0])
     autocast = torch.bfloat16 if precision == "bf16-mixed" else None
     if config.tomo_files:
