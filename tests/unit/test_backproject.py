@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from deepdewedge.evaluate.metrics import correlation_coefficient
+from deepdewedge.fourier import missing_wedge_mask
 from deepdewedge.reconstruct import backproject
 from deepdewedge.reconstruct.backproject import (
     angular_weights,
@@ -398,3 +399,26 @@ def test_reconstructed_wedge_is_where_fourier_says():
     # The mirrored wedge (the other handedness) is not empty.
     mirrored = missing_wedge_mask((32, 8, 32), tilt_range_deg=(-60.0, 40.0))
     assert power[band & (mirrored == 0) & (mask == 1)].mean() > 0.3 * outside
+
+
+def test_reconstruction_wedge_is_the_mask_of_its_tilt_range():
+    """Tilts from -50° to +65° measure the frequencies of ``tilt_range_deg=(-50, 65)``.
+
+    ``ddw reconstruct`` records the tilt range in its own angle convention and fitting builds
+    its wedge masks from it: the two conventions must agree, or an asymmetric wedge would be
+    masked mirrored.
+    """
+    g = torch.Generator().manual_seed(0)
+    angles = torch.arange(-50.0, 65.1, 3.0)
+    vol = weighted_backprojection(
+        torch.randn(len(angles), 32, 48, generator=g), angles, thickness=48
+    )
+    power = torch.fft.rfftn(vol).abs().square()
+    kept = {
+        tilts: float(
+            (power * missing_wedge_mask(vol.shape, tilt_range_deg=tilts)).sum() / power.sum()
+        )
+        for tilts in ((-50, 65), (-65, 50))
+    }
+    assert kept[(-50, 65)] > 0.95
+    assert kept[(-50, 65)] > kept[(-65, 50)] + 0.05

@@ -53,8 +53,13 @@ class PrepareDataConfig(_Step):
         description="Half tomogram 1 of each tomogram (MRC), in the order of tomo0_files."
     )
     subtomo_size: int = Field(96, ge=8, description="Edge of the sub-tomograms in px.")
-    mw_angle: float = Field(
-        60.0, ge=0, lt=180, description="Full opening angle of the missing wedge in degrees."
+    mw_angle: float | None = Field(
+        None,
+        ge=0,
+        lt=180,
+        description="Full opening angle of the missing wedge in degrees; default: the tilt "
+        "range ddw reconstruct recorded beside the half tomograms (an asymmetric one too), "
+        "else 60. Recorded with the sub-tomograms for fit-model.",
     )
     subtomo_dir: Path | None = Field(
         None, description="Folder of the sub-tomogram banks; default: {project_dir}/subtomos."
@@ -125,8 +130,12 @@ class FitModelConfig(_Step):
     logdir: Path | None = Field(
         None, description="Folder of losses and checkpoints; default: {project_dir}/logs."
     )
-    mw_angle: float = Field(
-        60.0, ge=0, lt=180, description="Full opening angle of the missing wedge in degrees."
+    mw_angle: float | None = Field(
+        None,
+        ge=0,
+        lt=180,
+        description="Full opening angle of the missing wedge in degrees; default: the wedge "
+        "recorded with the sub-tomograms, which a different value contradicts (an error).",
     )
     unet_params_dict: UNetParams = Field(
         UNetParams(),
@@ -250,12 +259,12 @@ class RefineTomogramConfig(_Step):
         ge=0,
         description="Overlap of neighbouring tiles in px; default: subtomo_size / 3, rounded up.",
     )
-    mw_angle: float = Field(
-        60.0,
+    mw_angle: float | None = Field(
+        None,
         ge=0,
         lt=180,
         description="Full opening angle of the missing wedge in degrees (accepted for "
-        "published configs; refining does not use it).",
+        "published configs); must agree with the wedge the model was fitted for.",
     )
     batch_size: int = Field(8, ge=1, description="Tiles per forward pass.")
     recompute_normalization: bool = Field(

@@ -41,7 +41,8 @@ def make_batch(
     *,
     subtomo_size: int,
     mw_mask: torch.Tensor | None,
-    mw_angle_deg: float,
+    mw_angle_deg: float | None = None,
+    tilt_range_deg: tuple[float, float] | None = None,
     rotate: bool,
     generator: torch.Generator | None,
     interpolation: str = "cubic",
@@ -57,8 +58,9 @@ def make_batch(
         Edge s of the model input and target.
     mw_mask
         `(s, s, s // 2 + 1)` wedge mask M added to the input, or None for no extra wedge.
-    mw_angle_deg
-        Opening angle of the target's own missing wedge (and of M).
+    mw_angle_deg, tilt_range_deg
+        The target's own missing wedge (and M): its opening angle, or the tilt range of an
+        asymmetric one; exactly one of the two when `mw_mask` is given.
     rotate
         Apply one uniformly random rotation per pair (the same for both halves).
     generator
@@ -84,7 +86,9 @@ def make_batch(
     model_input = apply_fourier_mask(model_input, mw_mask)
     shape = (subtomo_size,) * 3
     if rotate:
-        rot_mw_mask = rotated_missing_wedge_mask(shape, rotmats, mw_angle_deg=mw_angle_deg)
+        rot_mw_mask = rotated_missing_wedge_mask(
+            shape, rotmats, mw_angle_deg=mw_angle_deg, tilt_range_deg=tilt_range_deg
+        )
     else:
         rot_mw_mask = mw_mask.expand(len(pairs), *mw_mask.shape)
     return Batch(model_input, target.contiguous(), rot_mw_mask)

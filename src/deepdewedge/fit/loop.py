@@ -81,7 +81,7 @@ def _update_input_banks(
         filled = fill_missing_wedges(
             model,
             crops[dist.shard(len(crops))],
-            mw_angle_deg=settings.mw_angle,
+            **settings.wedge,
             size_multiple=model.size_multiple,
             batch_size=settings.batch_size,
             device=settings.device,
@@ -217,9 +217,7 @@ def fit(
     generator = torch.Generator().manual_seed(settings.seed)
     mw_mask = None
     if settings.wedge_mask:
-        mw_mask = missing_wedge_mask(
-            (settings.subtomo_size,) * 3, mw_angle_deg=settings.mw_angle, device=device
-        )
+        mw_mask = missing_wedge_mask((settings.subtomo_size,) * 3, **settings.wedge, device=device)
     writer = CheckpointWriter(checkpoint_dir, settings, extra_state or {})
     if dist.is_main:
         for stale in checkpoint_dir.parent.rglob(".*.tmp"):  # left by a run killed mid-write

@@ -49,6 +49,15 @@ class FitSettings:
     # GPU_SYNC_EVERY_N_STEPS on a GPU.
     sync_every_n_steps: int | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # Tilt range of an asymmetric missing wedge; when given, it defines the wedge, not mw_angle.
+    tilt_range_deg: tuple[float, float] | None = None
+
+    @property
+    def wedge(self) -> dict[str, Any]:
+        """The missing wedge as keywords of the mask functions of :mod:`deepdewedge.fourier`."""
+        if self.tilt_range_deg is not None:
+            return {"tilt_range_deg": tuple(self.tilt_range_deg)}
+        return {"mw_angle_deg": self.mw_angle}
 
 
 @dataclass
@@ -112,7 +121,7 @@ def _loss_of_batch(
         crops1,
         subtomo_size=settings.subtomo_size,
         mw_mask=mw_mask,
-        mw_angle_deg=settings.mw_angle,
+        **settings.wedge,
         rotate=settings.rotate,
         generator=None,
         interpolation=settings.interpolation,
@@ -244,7 +253,7 @@ def model_input_statistics(
             rows_on_device(banks.fit1, rows, settings.device),
             subtomo_size=settings.subtomo_size,
             mw_mask=mw_mask,
-            mw_angle_deg=settings.mw_angle,
+            **settings.wedge,
             rotate=settings.rotate,
             generator=None,
             interpolation=settings.interpolation,

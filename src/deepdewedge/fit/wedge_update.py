@@ -22,7 +22,8 @@ def fill_missing_wedges(
     model: nn.Module,
     crops: torch.Tensor,
     *,
-    mw_angle_deg: float,
+    mw_angle_deg: float | None = None,
+    tilt_range_deg: tuple[float, float] | None = None,
     size_multiple: int,
     batch_size: int,
     device: torch.device,
@@ -35,8 +36,9 @@ def fill_missing_wedges(
         Maps `(b, 1, n, n, n)` to `(b, 1, n, n, n)` for n a multiple of `size_multiple`.
     crops
         `(n_crops, S, S, S)` model-input bank (tomo0 crops), any device.
-    mw_angle_deg
-        Opening angle of the crops' missing wedge.
+    mw_angle_deg, tilt_range_deg
+        The crops' missing wedge: its opening angle, or the tilt range of an asymmetric one
+        (exactly one of the two).
     size_multiple
         Crops are mirror-padded to a multiple of this for the network.
     batch_size
@@ -66,7 +68,9 @@ def fill_missing_wedges(
     was_training = model.training
     model.eval()
     big = crops.shape[-1]
-    mask = missing_wedge_mask((big,) * 3, mw_angle_deg=mw_angle_deg, device=device)
+    mask = missing_wedge_mask(
+        (big,) * 3, mw_angle_deg=mw_angle_deg, tilt_range_deg=tilt_range_deg, device=device
+    )
     out = torch.empty_like(crops)
     for i in range(0, len(crops), batch_size):
         x = crops[i : i + batch_size].to(device)

@@ -82,6 +82,7 @@ def _fit_model(
 ) -> dict[str, Any]:
     banks, meta = load_banks(subtomo_dir(config), subtomo_size=config.subtomo_size)
     subtomo_size = int(meta["subtomo_size"])
+    mw_angle, tilt_range = _wedge_of_banks(meta, config.mw_angle, subtomo_dir(config))
     unet_params = config.unet_params_dict.model_dump(exclude={"in_chans", "out_chans"})
     try:
         check_divisible(subtomo_size, 2 ** unet_params["num_downsample_layers"])
@@ -117,7 +118,8 @@ def _fit_model(
     adam["betas"] = tuple(adam["betas"])
     settings = FitSettings(
         subtomo_size=subtomo_size,
-        mw_angle=config.mw_angle,
+        mw_angle=mw_angle,
+        tilt_range_deg=tilt_range,
         num_epochs=config.num_epochs,
         batch_size=config.batch_size,
         adam_params=adam,
@@ -141,7 +143,8 @@ def _fit_model(
         "bank_id": meta.get("bank_id"),
         "unet_params": unet_params,
         "subtomo_size": subtomo_size,
-        "mw_angle": config.mw_angle,
+        "mw_angle": mw_angle,
+        "tilt_range_deg": list(tilt_range) if tilt_range is not None else None,
     }
     check_writable(logs, needed_bytes=2 * banks.fit0.numel() * 4)
     if dist.is_main:
@@ -196,6 +199,26 @@ def _fit_model(
         "best_checkpoint": best_checkpoint(ckpt_dir),
         "is_main_process": dist.is_main,
     }
+
+
+def _wedge_of_banks(
+    meta: dict[str, Any], mw_angle: float | None, bank_dir: Path
+) -> tuple[float, tuple[float, float] | None]:
+    """The banks' missing wedge (angle, tilt range); a contradicting `mw_angle` is an error.
+
+    Banks prepared before the wedge was recorded with them take `mw_angle`, else 60°.
+    """
+    recorded = meta.get("mw_angle")
+    if recorded is None:
+        return (60.0 if mw_angle is None else mw_angle), None
+    if mw_angle is not None and abs(mw_angle - recorded) > 0.5:
+        raise InputError(
+            f"{bank_dir / 'metadata.json'}: the sub-tomograms were prepared for a missing "
+            f"wedge of {recorded:g}°, but fit_model.mw_angle is {mw_angle:g}°; leave mw_angle "
+            f"out of fit-model or prepare again with --mw-angle {mw_angle:g}"
+        )
+    lo, hi = meta["tilt_range_deg"]
+    return float(recorded), (float(lo), float(hi))
 
 
 def _tensorboard(logs: Path) -> Any:

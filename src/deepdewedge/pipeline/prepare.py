@@ -18,7 +18,8 @@ from deepdewedge.config import (
     PrepareDataConfig,
 )
 from deepdewedge.fit.bank import bank_size, extract_crops, select_subtomos
-from deepdewedge.fit.loop import Banks
+from deepdewedge.fit.step import Banks
+from deepdewedge.fourier import tilt_range_from_mw_angle
 from deepdewedge.io.mrc import InputError, read_volume
 from deepdewedge.pipeline.common import (
     check_writable,
@@ -70,21 +71,48 @@ def _read_pair(tomo0_file: Path, tomo1_file: Path) -> tuple[np.ndarray, np.ndarr
     return tomo0, tomo1, voxel0
 
 
-def _check_mw_angle(tomo0_file: Path, mw_angle: float) -> None:
-    """Compare mw_angle with the tilt range recorded by `ddw reconstruct`, when there is one."""
+def _recorded_tilt_range(tomo0_file: Path) -> tuple[float, float] | None:
+    """The tilt range `ddw reconstruct` recorded beside a ``*_tomo0`` file, if any."""
     record = tomo0_file.with_name(tomo0_file.stem.removesuffix("_tomo0") + "_reconstruct.json")
     if not tomo0_file.stem.endswith("_tomo0") or not record.exists():
-        return
+        return None
     lo, hi = json.loads(record.read_text()).get("tilt_range_deg", (None, None))
-    if lo is not None and abs((180.0 - (hi - lo)) - mw_angle) > 2.0:
+    return None if lo is None else (float(lo), float(hi))
+
+
+def bank_wedge(tomo0_files: list[Path], mw_angle: float | None) -> tuple[float, list[float]]:
+    """The missing wedge of the banks: opening angle and tilt range ``[lo, hi]`` in degrees.
+
+    A given `mw_angle` is a symmetric wedge (with a warning where a recorded tilt range
+    disagrees); else the tilt ranges recorded by `ddw reconstruct`, where every tomogram has
+    one (their common part: the widest missing wedge), else 60°.
+    """
+    ranges = [_recorded_tilt_range(Path(f)) for f in tomo0_files]
+    if mw_angle is not None:
+        for file, tilts in zip(tomo0_files, ranges, strict=True):
+            if tilts is not None and abs((180.0 - (tilts[1] - tilts[0])) - mw_angle) > 2.0:
+                log.warning(
+                    "%s: tilts span %.1f° to %.1f°, a missing wedge of %.1f°, but mw_angle "
+                    "is %.1f°",
+                    file,
+                    *tilts,
+                    180.0 - (tilts[1] - tilts[0]),
+                    mw_angle,
+                )
+        return float(mw_angle), list(tilt_range_from_mw_angle(mw_angle))
+    if not ranges or any(tilts is None for tilts in ranges):
+        return 60.0, list(tilt_range_from_mw_angle(60.0))
+    lo, hi = max(t[0] for t in ranges), min(t[1] for t in ranges)
+    if max(t[0] for t in ranges) - min(t[0] for t in ranges) > 2.0 or (
+        max(t[1] for t in ranges) - min(t[1] for t in ranges) > 2.0
+    ):
         log.warning(
-            "%s: tilts span %.1f° to %.1f°, a missing wedge of %.1f°, but mw_angle is %.1f°",
-            tomo0_file,
+            "the tomograms' tilt ranges differ; their sub-tomograms are masked for the tilts "
+            "all of them have, %.1f° to %.1f°",
             lo,
             hi,
-            180.0 - (hi - lo),
-            mw_angle,
         )
+    return 180.0 - (hi - lo), [lo, hi]
 
 
 def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
@@ -103,11 +131,11 @@ def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
         )
     generator = torch.Generator().manual_seed(config.seed)
     s = config.subtomo_size
+    mw_angle, tilt_range = bank_wedge(list(config.tomo0_files), config.mw_angle)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("fit0", "fit1", "val0", "val1")}
     records = []
     for i, (f0, f1) in enumerate(zip(config.tomo0_files, config.tomo1_files, strict=True)):
         tomo0, tomo1, voxel_size = _read_pair(f0, f1)
-        _check_mw_angle(Path(f0), config.mw_angle)
         if min(tomo0.shape) < s:
             raise InputError(
                 f"{f0}: tomogram {tomo0.shape} is smaller than subtomo_size {s}; "
@@ -181,6 +209,8 @@ def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
         bank_id=uuid.uuid4().hex,
         subtomo_size=s,
         bank_size=bank_size(s),
+        mw_angle=mw_angle,
+        tilt_range_deg=tilt_range,
         tomo0_files=[str(f) for f in config.tomo0_files],
         tomo1_files=[str(f) for f in config.tomo1_files],
         subtomos=records,

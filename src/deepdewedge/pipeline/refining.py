@@ -61,6 +61,13 @@ def refine_tomogram(
     ckpt = config.model_checkpoint_file or best_checkpoint(log_dir(config) / "checkpoints")
     model, state = load_model(ckpt)
     subtomo_size = config.subtomo_size or int(state["subtomo_size"])
+    fitted = state.get("mw_angle")
+    if config.mw_angle is not None and fitted is not None and abs(config.mw_angle - fitted) > 0.5:
+        raise InputError(
+            f"{ckpt}: the model was fitted for a missing wedge of {fitted:g}°, but "
+            f"refine_tomogram.mw_angle is {config.mw_angle:g}°; leave mw_angle out of "
+            "refine-tomogram or use the model fitted for this wedge"
+        )
     try:
         check_divisible(subtomo_size, model.size_multiple)
         overlap = (
