@@ -498,6 +498,7 @@ def refine_tomogram_cmd(
     mw_angle: Annotated[float | None, _refine_opt("mw_angle")] = None,
     batch_size: Annotated[int | None, _refine_opt("batch_size")] = None,
     recompute_normalization: Annotated[bool | None, _refine_opt("recompute_normalization")] = None,
+    mask_tile_wedges: Annotated[bool | None, _refine_opt("mask_tile_wedges")] = None,
     output_dir: Annotated[Path | None, _refine_opt("output_dir")] = None,
     precision: Annotated[str | None, _refine_opt("precision")] = None,
     gpu: Annotated[

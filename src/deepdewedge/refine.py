@@ -19,10 +19,12 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from deepdewedge.fourier import apply_fourier_mask, missing_wedge_mask
 from deepdewedge.io.mrc import release_planes
 from deepdewedge.model.denormals import flush_denormals
 from deepdewedge.tiling import (
@@ -55,6 +57,7 @@ def refine_volume(
     out: np.ndarray | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
+    tile_wedge: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Run a fitted network over a whole tomogram and blend the tiles seamlessly.
 
@@ -90,6 +93,10 @@ def refine_volume(
         float32 before blending.
     progress : Callable[[int, int], None], optional
         Called as ``progress(done_tiles, total_tiles)`` after each batch.
+    tile_wedge : dict, optional
+        The missing wedge as keywords of :func:`deepdewedge.fourier.missing_wedge_mask`
+        (``mw_angle_deg`` or ``tilt_range_deg``): each tile's wedge is emptied before the
+        network sees it, as in every fitting input; None passes tiles as they are.
 
     Returns
     -------
@@ -193,6 +200,7 @@ def refine_volume(
                 weights,
                 batch_size=batch_size,
                 autocast_dtype=autocast_dtype,
+                tile_wedge=tile_wedge,
             )
             for replica, dev in zip(_replicas(model, devices), devices, strict=True)
         ]
@@ -306,9 +314,13 @@ class _Worker:
         *,
         batch_size: int,
         autocast_dtype: torch.dtype | None,
+        tile_wedge: dict[str, Any] | None = None,
     ) -> None:
         self.model, self.device, self.tomo = model, device, tomo
         self.window = tuple(weights.shape)
+        self.wedge_mask = None
+        if tile_wedge is not None:
+            self.wedge_mask = missing_wedge_mask(self.window, device=device, **tile_wedge)
         self.weights = weights.to(device)
         self.chunk = batch_size  # tiles per forward pass, halved when out of memory
         self.autocast_dtype = autocast_dtype
@@ -370,6 +382,8 @@ class _Worker:
         try:
             with torch.inference_mode():
                 batch = tiles.to(self.device, non_blocking=True)[:, None]
+                if self.wedge_mask is not None:
+                    batch = apply_fourier_mask(batch, self.wedge_mask)
                 with autocast:
                     prediction = self.model(batch)
                 if prediction.shape != batch.shape:

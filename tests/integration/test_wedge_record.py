@@ -11,6 +11,7 @@ from deepdewedge.config import step_config
 from deepdewedge.fit import loop
 from deepdewedge.io.checkpoint import load_checkpoint
 from deepdewedge.io.mrc import InputError
+from deepdewedge.pipeline import refining
 from tests.messages import assert_one_line
 
 FIT = {
@@ -93,3 +94,16 @@ def test_fit_and_refine_take_the_wedge_of_the_banks(tmp_path, monkeypatch):
     with pytest.raises(InputError) as err:
         refine_tomogram(step_config("refine_tomogram", overrides={**refine, "mw_angle": 60.0}))
     assert_one_line(err, "checkpoints")
+
+    # Tiles masked for refinement get the wedge the model was fitted for.
+    wedges = []
+    real_refine = refining.refine_volume
+
+    def spy_refine(*args, **kwargs):
+        wedges.append(kwargs["tile_wedge"])
+        return real_refine(*args, **kwargs)
+
+    monkeypatch.setattr(refining, "refine_volume", spy_refine)
+    refine |= {"mask_tile_wedges": True, "precision": "32"}
+    refine_tomogram(step_config("refine_tomogram", overrides=refine))
+    assert wedges == [{"tilt_range_deg": (-50.0, 65.0)}] * 2

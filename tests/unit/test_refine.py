@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deepdewedge import refine as refine_module
+from deepdewedge.fourier import missing_wedge_mask
 from deepdewedge.refine import refine_volume
 
 SHAPE = (20, 37, 29)
@@ -384,3 +385,30 @@ def test_several_cuda_workers_give_the_single_device_result(tomo):
     devices = [f"cuda:{i % torch.cuda.device_count()}" for i in range(2)]
     refined = _refine(model, tomo, batch_size=3, device=devices)
     np.testing.assert_array_equal(refined, expected)
+
+
+class Seen(torch.nn.Module):
+    """The identity, keeping every batch of tiles it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.tiles = []
+
+    def forward(self, x):
+        self.tiles.append(x.clone())
+        return x
+
+
+@pytest.mark.parametrize("wedge", [{"mw_angle_deg": 60.0}, {"tilt_range_deg": (-50.0, 65.0)}])
+def test_tile_wedge_empties_the_wedge_of_every_tile(tomo, wedge):
+    model = Seen()
+    out = refine_volume(model, tomo, subtomo_size=16, subtomo_overlap=4, tile_wedge=wedge)
+    mask = missing_wedge_mask((16, 16, 16), **wedge)
+    tiles = torch.cat(model.tiles)[:, 0]
+    spectra = torch.fft.rfftn(tiles, dim=(-3, -2, -1))
+    assert float((spectra * (1 - mask)).abs().max()) < 1e-3 * float(spectra.abs().max())
+    # The measured part of each tile is untouched, so the result differs from the input
+    # only by what the wedges held.
+    kept = torch.fft.irfftn(spectra * mask, s=(16, 16, 16), dim=(-3, -2, -1))
+    torch.testing.assert_close(kept, tiles, atol=1e-4, rtol=1e-4)
+    assert not np.allclose(out, np.asarray(tomo), atol=1e-3)

@@ -272,6 +272,11 @@ class RefineTomogramConfig(_Step):
         description="Normalise each tomogram with its own mean and standard deviation, not "
         "those of the fitting data.",
     )
+    mask_tile_wedges: bool = Field(
+        False,
+        description="Empty each tile's missing wedge before the network sees it, as in every "
+        "fitting input (the published implementation does).",
+    )
     overwrite: bool = Field(False, description="Replace refined tomograms.")
     output_dir: Path | None = Field(
         None,

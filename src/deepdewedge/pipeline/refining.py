@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,6 +85,7 @@ def refine_tomogram(
     if devices[0].type == "cpu":
         set_cpu_threads()
     precision = resolve_precision(config.precision, devices[0])
+    tile_wedge = _model_wedge(state, config.mw_angle) if config.mask_tile_wedges else None
     autocast = torch.bfloat16 if precision == "bf16-mixed" else None
     if config.tomo_files:
         jobs = [([Path(f)], Path(f).stem) for f in config.tomo_files]
@@ -148,6 +150,7 @@ def refine_tomogram(
                         out=result,
                         autocast_dtype=autocast,
                         progress=progress,
+                        tile_wedge=tile_wedge,
                     )
                 except torch.OutOfMemoryError as err:
                     raise InputError(f"{f}: {err}") from None
@@ -176,6 +179,15 @@ def refine_tomogram(
         )
         written.append(path)
     return written
+
+
+def _model_wedge(state: dict[str, Any], mw_angle: float | None) -> dict[str, Any]:
+    """The missing wedge a model was fitted for, as keywords of the mask functions."""
+    if state.get("tilt_range_deg") is not None:
+        lo, hi = state["tilt_range_deg"]
+        return {"tilt_range_deg": (float(lo), float(hi))}
+    fitted = state.get("mw_angle")
+    return {"mw_angle_deg": float(fitted if fitted is not None else mw_angle or 60.0)}
 
 
 def _devices(gpu: int | list[int] | None) -> list[torch.device]:
