@@ -116,6 +116,7 @@ def run_one(snr: float, seed: int, profile: dict, root: Path) -> list[dict]:
                 "mdoc": sim["mdoc"],
                 "thickness": d,
                 "filter": "hamming",
+                "full_filter": "hamming",  # the paper's FBP, and the input of its step 3
                 "overwrite": True,
             },
         )

@@ -366,6 +366,7 @@ def reconstruct_cmd(
         list[int] | None, _reconstruct_opt("exclude_views", syntax=_REPEAT)
     ] = None,
     filter: Annotated[str | None, _reconstruct_opt("filter")] = None,
+    full_filter: Annotated[str | None, _reconstruct_opt("full_filter")] = None,
     sirt_iterations: Annotated[int | None, _reconstruct_opt("sirt_iterations")] = None,
     defocus_file: Annotated[Path | None, _reconstruct_opt("defocus_file")] = None,
     ctf_correction: Annotated[str | None, _reconstruct_opt("ctf_correction")] = None,

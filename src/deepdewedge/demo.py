@@ -41,9 +41,16 @@ def run_demo(
     output_dir = Path(output_dir)
     epochs = num_epochs or DEMO["num_epochs"]
     t_start = time.perf_counter()
-    echo(f"simulating a {DEMO['shape_zyx']} tomogram, tilts ±60°, SNR {DEMO['snr']}")
+    echo(
+        f"simulating a {DEMO['shape_zyx']} tomogram, tilts ±60°, SNR {DEMO['snr']}; filters: "
+        f"{DEMO['filter']} (halves), {DEMO['full_filter']} (full tomogram, FBP)"
+    )
     sim = simulate_tomogram(
-        DEMO["shape_zyx"], snr=DEMO["snr"], generator=torch.Generator().manual_seed(seed)
+        DEMO["shape_zyx"],
+        snr=DEMO["snr"],
+        filter=DEMO["filter"],
+        full_filter=DEMO["full_filter"],
+        generator=torch.Generator().manual_seed(seed),
     )
     data = output_dir / "data"
     files = {}

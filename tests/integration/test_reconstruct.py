@@ -9,7 +9,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from deepdewedge import pipeline
 from deepdewedge.cli import app
+from deepdewedge.config import step_config
 from deepdewedge.evaluate.metrics import correlation_coefficient
 from deepdewedge.reconstruct.ctf import ctf_2d
 from deepdewedge.simulate import add_noise, project, simulate_phantom
@@ -251,6 +253,8 @@ def test_frame_and_random_splits(tmp_path, series):
         files["odd"],
         "--thickness",
         24,
+        "--full-filter",
+        "ramp",  # the filter of the halves, so that they add up to the full tomogram
         "--output-dir",
         tmp_path / "frames",
     )
@@ -335,3 +339,59 @@ def test_make_mask_then_prepare_with_it(tmp_path, series):
         0.0,
     )
     assert result.exit_code == 0, result.output
+
+
+def _reconstruct_tomograms(tmp_path, series, name, **options):
+    """The volumes and the record of ``reconstruct`` of a noisy stack, `options` as in YAML."""
+    root, _, ts = series
+    noisy = add_noise(ts, snr=1.0, generator=torch.Generator().manual_seed(2))
+    stack = _write(tmp_path / "ts.mrc", noisy, 2.5)
+    step = {"tilt_series": str(stack), "tilt_angles": str(root / "ts.tlt"), "thickness": 24}
+    step |= {"output_dir": str(tmp_path / name), **options}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"reconstruct": step}))
+    paths = pipeline.reconstruct(step_config("reconstruct", config_file=path))
+    volumes = {k: mrcfile.read(paths[k]) for k in ("full", "tomo0", "tomo1")}
+    return volumes, json.loads(paths["record"].read_text())
+
+
+def test_full_filter_changes_only_the_full_tomogram(tmp_path, series):
+    ramp, _ = _reconstruct_tomograms(tmp_path, series, "ramp", filter="ramp", full_filter="ramp")
+    sirt, _ = _reconstruct_tomograms(tmp_path, series, "sirt", filter="sirt", full_filter="sirt")
+    mixed, record = _reconstruct_tomograms(
+        tmp_path, series, "mixed", filter="ramp", full_filter="sirt", sirt_iterations=10
+    )
+    assert not np.allclose(ramp["full"], sirt["full"])
+    np.testing.assert_array_equal(mixed["full"], sirt["full"])
+    for half in ("tomo0", "tomo1"):
+        np.testing.assert_array_equal(mixed[half], ramp[half])
+    assert record["filters"] == {
+        "tomo0": "ramp",
+        "tomo1": "ramp",
+        "full": "sirt (10 iterations)",
+    }
+
+
+def test_full_filter_null_is_the_filter_of_the_halves(tmp_path, series):
+    _, record = _reconstruct_tomograms(tmp_path, series, "null", filter="hamming", full_filter=None)
+    assert record["filters"] == {"tomo0": "hamming", "tomo1": "hamming", "full": "hamming"}
+
+
+def test_default_filters_ramp_halves_sirt_full_tomogram(tmp_path, series):
+    _, record = _reconstruct_tomograms(tmp_path, series, "defaults")
+    assert record["filters"] == {"tomo0": "ramp", "tomo1": "ramp", "full": "sirt (10 iterations)"}
+
+
+def test_full_filter_on_the_command_line(tmp_path, series):
+    root, _, ts = series
+    stack = _write(tmp_path / "ts.mrc", ts, 2.5)
+    args = ["reconstruct", "--tilt-series", stack, "--tilt-angles", root / "ts.tlt"]
+    args += ["--thickness", 24, "--output-dir", tmp_path / "out", "--filter", "ramp"]
+    result = _invoke(*args, "--full-filter", "shepp")
+    assert result.exit_code == 1
+    assert "--full-filter" in result.output and "'hamming'" in result.output
+    assert not (tmp_path / "out").exists()
+    result = _invoke(*args, "--full-filter", "hamming")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "ts_reconstruct.json").read_text())
+    assert record["filters"] == {"tomo0": "ramp", "tomo1": "ramp", "full": "hamming"}

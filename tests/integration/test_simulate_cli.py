@@ -156,6 +156,8 @@ def test_reconstruction_of_the_simulated_stack_matches_the_ground_truth(tmp_path
             str(sim / "ts.mrc.mdoc"),
             "--thickness",
             "48",
+            "--full-filter",
+            "ramp",  # sharp, so that a one-voxel shift shows
             "--output-dir",
             str(tmp_path / "rec"),
         ],

@@ -264,3 +264,11 @@ def test_precision_auto_is_float32_on_the_cpu():
     assert step_config("fit_model").precision == "auto"
     assert resolve_precision("auto", torch.device("cpu")) == "32"
     assert resolve_precision("bf16-mixed", torch.device("cpu")) == "bf16-mixed"
+
+
+@pytest.mark.parametrize("key", ["filter", "full_filter"])
+def test_unknown_filter_is_one_line_naming_the_choices(key):
+    step = {"tilt_series": "ts.mrc", "tilt_angles": "ts.tlt", "thickness": 8, key: "shepp"}
+    message = _error("reconstruct", {"reconstruct": step})
+    assert message.startswith(f"reconstruct.{key}: ") and "shepp" in message
+    assert all(f"'{name}'" in message for name in ("ramp", "hamming", "sirt"))

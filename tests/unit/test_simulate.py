@@ -264,6 +264,21 @@ def test_simulate_tomogram_full_beats_halves(simulated):
     assert cc_full > max(cc0, cc1)
 
 
+def test_simulate_tomogram_full_filter_changes_only_the_full_tomogram(simulated):
+    sirt = simulate_tomogram(
+        (32, 48, 48),
+        tilt_step_deg=3.0,
+        snr=0.5,
+        full_filter="sirt",
+        generator=torch.Generator().manual_seed(0),
+    )
+    for key in ("ground_truth", "tomo0", "tomo1"):
+        torch.testing.assert_close(sirt[key], simulated[key], rtol=0, atol=0)
+    assert not torch.allclose(sirt["tomo_full"], simulated["tomo_full"], atol=1e-2)
+    assert abs(float(sirt["tomo_full"].mean())) < 1e-4
+    assert float(sirt["tomo_full"].std()) == pytest.approx(1.0, rel=1e-4)
+
+
 def test_simulate_tomogram_rejects_bad_tilts():
     with pytest.raises(ValueError, match="tilt_range_deg"):
         simulate_tomogram((8, 8, 8), tilt_range_deg=(-90.0, 60.0))
@@ -273,6 +288,8 @@ def test_simulate_tomogram_rejects_bad_tilts():
         simulate_tomogram((8, 8, 8), snr=-1.0)
     with pytest.raises(ValueError, match="filter"):
         simulate_tomogram((8, 8, 8), filter="shepp")
+    with pytest.raises(ValueError, match="full_filter"):
+        simulate_tomogram((8, 8, 8), full_filter="shepp")
 
 
 # --- templates -----------------------------------------------------------------------------

@@ -66,7 +66,13 @@ class ReconstructConfig(_Step):
         [], description="Views to leave out, numbered from 1 as in IMOD."
     )
     filter: Literal["ramp", "hamming", "sirt"] = Field(
-        "ramp", description="Reconstruction filter: ramp, hamming or sirt (SIRT-like)."
+        "ramp",
+        description="Reconstruction filter of tomo0 and tomo1: ramp, hamming or sirt (SIRT-like).",
+    )
+    full_filter: Literal["ramp", "hamming", "sirt"] | None = Field(
+        "sirt",
+        description="Reconstruction filter of the full tomogram: ramp, hamming or sirt "
+        "(SIRT-like); null in a config file: the filter of tomo0 and tomo1.",
     )
     sirt_iterations: int = Field(
         10, ge=1, description="Iterations of SIRT that the sirt filter mimics."
@@ -250,6 +256,10 @@ class SimulateConfig(BaseModel):
 DEMO = {
     "shape_zyx": (48, 96, 96),
     "snr": 0.25,
+    # The halves as in the paper's synthetic experiments; the full tomogram ("FBP") as
+    # `ddw reconstruct` writes it by default.
+    "filter": "hamming",
+    "full_filter": ReconstructConfig.model_fields["full_filter"].default,
     "voxel_size": 10.0,
     "subtomo_size": 32,
     "strides": [16, 16, 16],

@@ -194,6 +194,9 @@ def reconstruct(
     A raw stack is aligned on the fly with ``config.alignment``; every kept view is prepared
     as ``docs/conventions.md`` ("Real-data preprocessing") describes, a few views at a time.
 
+    The halves are reconstructed with ``config.filter``, the full tomogram with
+    ``config.full_filter`` (where given); the record names the filter of each.
+
     Returns
     -------
     dict
@@ -305,12 +308,16 @@ def reconstruct(
 
     done = [0]
 
-    def wbp(ts: torch.Tensor, ang: torch.Tensor) -> np.ndarray:
+    # The full tomogram is for viewing, the halves for fitting: each may have its own filter.
+    filters = {name: config.filter for name in ("tomo0", "tomo1")}
+    filters["full"] = config.full_filter or config.filter
+
+    def wbp(ts: torch.Tensor, ang: torch.Tensor, *, filter: str) -> np.ndarray:
         volume = weighted_backprojection(
             ts,
             ang.to(ts.device),
             thickness=max(1, config.thickness // config.bin),
-            filter=config.filter,
+            filter=filter,
             sirt_iterations=config.sirt_iterations,
             tilt_axis_offset_px=config.tilt_axis_offset_px / config.bin,
         )
@@ -336,7 +343,7 @@ def reconstruct(
 
     split = config.split or ("frames" if config.even_frames is not None else "even-odd")
     full_ts = prepare(stack)
-    volumes = {"full": wbp(full_ts, angles)}
+    volumes = {"full": wbp(full_ts, angles, filter=filters["full"])}
     views: dict[str, list[int]] = {}
     if split == "frames":
         for name, frames_file in (("tomo0", config.even_frames), ("tomo1", config.odd_frames)):
@@ -346,7 +353,7 @@ def reconstruct(
                     f"{frames_file}: shape {frames.shape} differs from the tilt series "
                     f"{stack.shape}; give the frame sums of the same tilt series"
                 )
-            volumes[name] = wbp(prepare(frames, halves=True), angles)
+            volumes[name] = wbp(prepare(frames, halves=True), angles, filter=filters[name])
     else:
         if split == "even-odd":
             index0, index1 = even_odd_indices(torch.from_numpy(order))
@@ -356,8 +363,8 @@ def reconstruct(
                 fraction=config.random_fraction,
                 generator=torch.Generator().manual_seed(config.seed),
             )
-        volumes["tomo0"] = wbp(full_ts[index0.to(device)], angles[index0])
-        volumes["tomo1"] = wbp(full_ts[index1.to(device)], angles[index1])
+        for name, index in (("tomo0", index0), ("tomo1", index1)):
+            volumes[name] = wbp(full_ts[index.to(device)], angles[index], filter=filters[name])
         views = {
             name: (kept[index.numpy()] + 1).tolist()
             for name, index in (("tomo0", index0), ("tomo1", index1))
@@ -394,6 +401,10 @@ def reconstruct(
         voxel_size_angstrom=pixel * config.bin,
         ctf_corrected=bool(defocus is not None and config.ctf_correction == "phase-flip"),
         views=views,  # 1-based stack views in each half
+        filters={
+            name: f"sirt ({config.sirt_iterations} iterations)" if f == "sirt" else f
+            for name, f in filters.items()
+        },
         acquisition_order_from=order_source,
         tilt_range_deg=[float(angles.min()), float(angles.max())],
         dose_filtered=dose is not None,

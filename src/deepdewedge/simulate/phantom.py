@@ -516,6 +516,7 @@ def simulate_tomogram(
     tilt_step_deg: float = 2.0,
     snr: float = 0.25,
     filter: str = "hamming",
+    full_filter: str | None = None,
     slab_thickness_px: int | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -533,9 +534,11 @@ def simulate_tomogram(
     snr : float
         Signal-to-noise ratio ``var(signal) / var(noise)`` of the tilt series
         (:func:`add_noise`). The paper's synthetic experiments use 1/2, 1/4 and 1/6.
-    filter : {"ramp", "hamming"}
-        Filter of the weighted back-projection; the paper's synthetic experiments use the
-        Hamming-like one.
+    filter : {"ramp", "hamming", "sirt"}
+        Filter of the weighted back-projection of the halves; the paper's synthetic
+        experiments use the Hamming-like one.
+    full_filter : {"ramp", "hamming", "sirt"}, optional
+        Filter of the full tomogram; default: `filter`.
     slab_thickness_px : int, optional
         Ice thickness passed to :func:`simulate_phantom`.
     generator : torch.Generator, optional
@@ -549,9 +552,10 @@ def simulate_tomogram(
         of the even and odd halves of the noisy tilt series (:func:`split_even_odd` with
         sequential acquisition, i.e. alternate tilts), `(d, h, w)`. ``"tomo_full"``:
         reconstruction of the whole noisy tilt series, `(d, h, w)`. ``"tilt_angles_deg"``: the
-        angles, `(n,)`. Tomograms are float32, and all three have the same affine
-        normalisation (the mean and standard deviation of ``tomo_full`` map to 0 and 1), so
-        ``tomo_full`` equals the average of ``tomo0`` and ``tomo1`` up to rounding.
+        angles, `(n,)`. Tomograms are float32 and ``tomo_full`` has zero mean and unit
+        standard deviation. The halves have the affine normalisation that maps the full
+        tomogram of their own filter to zero mean and unit standard deviation, so with one
+        filter ``tomo_full`` equals the average of ``tomo0`` and ``tomo1`` up to rounding.
 
     Notes
     -----
@@ -572,8 +576,10 @@ def simulate_tomogram(
     ):
         raise ValueError(f"tilt_step_deg must be positive, got {tilt_step_deg!r}")
     _check_snr(snr)
-    if filter not in ("ramp", "hamming"):
-        raise ValueError(f"filter must be 'ramp' or 'hamming', got {filter!r}")
+    full_filter = full_filter or filter
+    for name, value in (("filter", filter), ("full_filter", full_filter)):
+        if value not in ("ramp", "hamming", "sirt"):
+            raise ValueError(f"{name} must be 'ramp', 'hamming' or 'sirt', got {value!r}")
     n_tilts = int(math.floor((hi - lo) / tilt_step_deg + 1e-6)) + 1
     if n_tilts < 2:
         raise ValueError("tilt_range_deg and tilt_step_deg must give at least two tilts")
@@ -598,12 +604,15 @@ def simulate_tomogram(
     series_0, angles_0, series_1, angles_1 = split_even_odd(noisy, angles)
     tomo0 = weighted_backprojection(series_0, angles_0, thickness=d, filter=filter, width=w)
     tomo1 = weighted_backprojection(series_1, angles_1, thickness=d, filter=filter, width=w)
-    tomo_full = weighted_backprojection(noisy, angles, thickness=d, filter=filter, width=w)
-    mean, std = tomo_full.mean(), tomo_full.std()
+    tomo_full = weighted_backprojection(noisy, angles, thickness=d, filter=full_filter, width=w)
+    reference = tomo_full
+    if full_filter != filter:
+        reference = weighted_backprojection(noisy, angles, thickness=d, filter=filter, width=w)
+    mean, std = reference.mean(), reference.std()
     return {
         "ground_truth": ground_truth,
         "tomo0": ((tomo0 - mean) / std).float(),
         "tomo1": ((tomo1 - mean) / std).float(),
-        "tomo_full": ((tomo_full - mean) / std).float(),
+        "tomo_full": ((tomo_full - tomo_full.mean()) / tomo_full.std()).float(),
         "tilt_angles_deg": angles.float(),
     }
