@@ -219,7 +219,7 @@ def _run_fit(config_file: Path | None, overrides: dict[str, Any]) -> Path:
     return result["best_checkpoint"]
 
 
-def _run_refine(config_file: Path | None, overrides: dict[str, Any]) -> None:
+def _run_refine(config_file: Path | None, overrides: dict[str, Any]) -> list[Path]:
     from tqdm import tqdm
 
     config = step_config("refine_tomogram", config_file=config_file, overrides=overrides)
@@ -236,6 +236,7 @@ def _run_refine(config_file: Path | None, overrides: dict[str, Any]) -> None:
         bar.close()
     for path in written:
         typer.echo(f"wrote {path}")
+    return written
 
 
 @app.command("simulate")
@@ -383,6 +384,7 @@ def reconstruct_cmd(
     erase_gold: Annotated[bool | None, _reconstruct_opt("erase_gold")] = None,
     gold_diameter_nm: Annotated[float | None, _reconstruct_opt("gold_diameter_nm")] = None,
     write_aligned_stack: Annotated[bool | None, _reconstruct_opt("write_aligned_stack")] = None,
+    holdout: Annotated[str | None, _reconstruct_opt("holdout")] = None,
     output_dir: Annotated[Path | None, _reconstruct_opt("output_dir")] = None,
     gpu: Annotated[list[int] | None, _reconstruct_opt("gpu")] = None,
     seed: Annotated[int | None, _reconstruct_opt("seed")] = None,
@@ -548,10 +550,27 @@ def run_cmd(
     _run_prepare(config, {**halves, "overwrite": overwrite or None})
     checkpoint = _run_fit(config, {"overwrite": overwrite or None})
     # Refine with the model just fitted, whatever checkpoint the file names.
-    _run_refine(
+    refined = _run_refine(
         config,
         {**halves, "model_checkpoint_file": checkpoint, "overwrite": overwrite or None},
     )
+    if has_tilt_series and "heldout" in written:
+        _run_score(written["record"], [written["full"], *refined], ["full", "refined"])
+
+
+def _run_score(record: Path, volumes: list[Path], labels: list[str] | None) -> None:
+    """Score volumes against the held-out views of `record`; table, CSV and figure."""
+    from deepdewedge.pipeline.heldout import score_heldout
+
+    stem = Path(record).name.removesuffix("_reconstruct.json")
+    csv_path = Path(volumes[-1]).parent / f"{stem}_heldout_score.csv"
+    figure = csv_path.with_suffix(".png")
+    rows = score_heldout(record, volumes, labels=labels, csv_path=csv_path, figure_path=figure)
+    typer.echo("| volume | held-out views: mean CC | mean FRC |")
+    typer.echo("|---|---|---|")
+    for row in rows:
+        typer.echo(f"| {row['label']} | {row['mean_cc']:.4f} | {row['mean_frc']:.4f} |")
+    typer.echo(f"wrote {csv_path}\nwrote {figure}")
 
 
 @app.command("demo")
@@ -630,6 +649,30 @@ def evaluate_cmd(
     for path in (json_file, csv_file, figure):
         if path is not None:
             typer.echo(f"wrote {path}")
+
+
+@app.command("score-heldout")
+@_friendly
+def score_heldout_cmd(
+    record: Annotated[
+        Path,
+        typer.Option(help="The *_reconstruct.json of a ddw reconstruct --holdout run."),
+    ],
+    volume: Annotated[
+        list[Path],
+        typer.Option(help="Volume to score (MRC) from that reconstruction; repeat for several."),
+    ],
+    label: Annotated[
+        list[str] | None,
+        typer.Option(help="Name of each --volume, in order; default: the file names."),
+    ] = None,
+) -> None:
+    """Score volumes without ground truth: reprojections against the held-out views (CC, FRC).
+
+    Writes {stem}_heldout_score.csv (one row per volume and view) and .png (mean FRC) beside
+    the last volume.
+    """
+    _run_score(record, volume, label)
 
 
 def main() -> None:  # pragma: no cover - console entry point

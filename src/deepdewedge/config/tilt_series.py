@@ -65,6 +65,12 @@ class ReconstructConfig(_Step):
     exclude_views: list[int] = Field(
         [], description="Views to leave out, numbered from 1 as in IMOD."
     )
+    holdout: str | None = Field(
+        None,
+        pattern=r"^(every|highest):\d+$",
+        description="Views to hold out of every tomogram for ddw score-heldout: every:N (every "
+        "N-th by angle) or highest:K (the K most tilted); written to {stem}_heldout.mrc.",
+    )
     filter: Literal["ramp", "hamming", "sirt"] = Field(
         "ramp",
         description="Reconstruction filter of tomo0 and tomo1: ramp, hamming or sirt (SIRT-like).",

@@ -15,6 +15,7 @@ from deepdewedge.config import (
     ReconstructConfig,
 )
 from deepdewedge.evaluate.figures import gold_erasure_figure
+from deepdewedge.evaluate.reprojection import heldout_views
 from deepdewedge.io.alignment import read_alignment
 from deepdewedge.io.geometry import TiltSeriesGeometry
 from deepdewedge.io.mrc import InputError, read_volume, write_volume
@@ -235,14 +236,28 @@ def reconstruct(
             f"{config.tilt_series}: {int(keep.sum())} view(s) left after exclusions; keep at "
             "least two views per half"
         )
+    heldout = np.zeros(n_tilts, dtype=bool)  # prepared with the kept views, reconstructed never
+    if config.holdout is not None:
+        usable = np.flatnonzero(keep)
+        try:
+            chosen = heldout_views(geometry.tilt_angle_deg[usable], config.holdout)
+        except ValueError as err:
+            raise InputError(f"{config.tilt_series}: {err}") from None
+        heldout[usable[chosen]] = True
     if config.bin * 2 > min(stack.shape[1:]):
         raise InputError(f"{config.tilt_series}: bin {config.bin} leaves too few pixels")
     device = resolve_device(config.gpu)
     kept = np.flatnonzero(keep)
+    # Indices into the prepared views: those reconstructed, and those held out.
+    used = np.flatnonzero(~heldout[kept])
+    held = np.flatnonzero(heldout[kept])
     # Acquisition sequence restricted to the kept views, renumbered to the kept stack.
     renumber = -np.ones(n_tilts, dtype=np.int64)
     renumber[kept] = np.arange(len(kept))
-    order = renumber[acquisition[keep[acquisition]]]
+    used_number = -np.ones(len(kept), dtype=np.int64)
+    used_number[used] = np.arange(len(used))
+    order = used_number[renumber[acquisition[keep[acquisition]]]]
+    order = order[order >= 0]  # acquisition sequence of the reconstructed views
     angles = torch.from_numpy(geometry.tilt_angle_deg[kept].copy())
     defocus = geometry.defocus_um[kept] if geometry.has_defocus else None
     dose = (
@@ -342,8 +357,10 @@ def reconstruct(
         return volume.cpu().numpy()
 
     split = config.split or ("frames" if config.even_frames is not None else "even-odd")
-    full_ts = prepare(stack)
-    volumes = {"full": wbp(full_ts, angles, filter=filters["full"])}
+    prepared = prepare(stack)
+    heldout_ts, full_ts = prepared[torch.from_numpy(held)], prepared[torch.from_numpy(used)]
+    angles_used = angles[torch.from_numpy(used)]
+    volumes = {"full": wbp(full_ts, angles_used, filter=filters["full"])}
     views: dict[str, list[int]] = {}
     if split == "frames":
         for name, frames_file in (("tomo0", config.even_frames), ("tomo1", config.odd_frames)):
@@ -353,20 +370,23 @@ def reconstruct(
                     f"{frames_file}: shape {frames.shape} differs from the tilt series "
                     f"{stack.shape}; give the frame sums of the same tilt series"
                 )
-            volumes[name] = wbp(prepare(frames, halves=True), angles, filter=filters[name])
+            half = prepare(frames, halves=True)[torch.from_numpy(used)]
+            volumes[name] = wbp(half, angles_used, filter=filters[name])
     else:
         if split == "even-odd":
             index0, index1 = even_odd_indices(torch.from_numpy(order))
         else:
             index0, index1 = random_fraction_indices(
-                len(kept),
+                len(used),
                 fraction=config.random_fraction,
                 generator=torch.Generator().manual_seed(config.seed),
             )
         for name, index in (("tomo0", index0), ("tomo1", index1)):
-            volumes[name] = wbp(full_ts[index.to(device)], angles[index], filter=filters[name])
+            volumes[name] = wbp(
+                full_ts[index.to(full_ts.device)], angles_used[index], filter=filters[name]
+            )
         views = {
-            name: (kept[index.numpy()] + 1).tolist()
+            name: (kept[used[index.numpy()]] + 1).tolist()
             for name, index in (("tomo0", index0), ("tomo1", index1))
         }
     for name, path in paths.items():
@@ -374,8 +394,19 @@ def reconstruct(
     outputs = dict(paths)
     if config.write_aligned_stack:
         outputs["aligned_stack"] = write_volume(
-            out_dir / f"{stem}_aligned.mrc", full_ts.cpu().numpy(), voxel_size=pixel * config.bin
+            out_dir / f"{stem}_aligned.mrc", prepared.cpu().numpy(), voxel_size=pixel * config.bin
         )
+    heldout_record = None
+    if len(held):
+        outputs["heldout"] = write_volume(
+            out_dir / f"{stem}_heldout.mrc", heldout_ts.cpu().numpy(), voxel_size=pixel * config.bin
+        )
+        heldout_record = {
+            "scheme": config.holdout,
+            "views": (kept[held] + 1).tolist(),  # 1-based stack views
+            "tilt_angles_deg": angles[torch.from_numpy(held)].tolist(),
+            "stack": str(outputs["heldout"]),
+        }
     if gold:
         outputs["gold_figure"] = _gold_figure(
             stack, kept, angles, gold, config.seed, out_dir / f"{stem}_gold.png"
@@ -397,7 +428,7 @@ def reconstruct(
         inputs=[Path(f) for f in sources if f is not None],
         started=started,
         split=split,
-        n_tilts_used=int(len(kept)),
+        n_tilts_used=int(len(used)),
         voxel_size_angstrom=pixel * config.bin,
         ctf_corrected=bool(defocus is not None and config.ctf_correction == "phase-flip"),
         views=views,  # 1-based stack views in each half
@@ -406,7 +437,8 @@ def reconstruct(
             for name, f in filters.items()
         },
         acquisition_order_from=order_source,
-        tilt_range_deg=[float(angles.min()), float(angles.max())],
+        tilt_range_deg=[float(angles_used.min()), float(angles_used.max())],
+        heldout=heldout_record,
         dose_filtered=dose is not None,
         gold_beads_erased=gold.get("count", 0),
         gold_diameter_px=gold.get("diameter_px"),
