@@ -25,7 +25,7 @@ FIT = {
     "unet_params_dict": {"chans": 4, "num_downsample_layers": 1},
     "adam_params_dict": {"lr": 1e-3},
     "num_epochs": EPOCHS,
-    # 10 fitting sub-tomograms: batches of 3, 3, 3, 1; the shares of two processes are
+    # 19 fitting sub-tomograms: six batches of 3, then 1; the shares of two processes are
     # uneven (2 + 1) and, for the last batch, empty on rank 1.
     "batch_size": 3,
     "update_subtomo_missing_wedges_every_n_epochs": 2,
@@ -104,7 +104,7 @@ def project(tmp_path_factory):
         },
     )
     result = prepare_data(config)
-    assert (result["n_fitting"], result["n_val"]) == (10, 2)
+    assert (result["n_fitting"], result["n_val"]) == (19, 2)
     return root / "proj"
 
 
