@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deepdewedge.evaluate.metrics import fsc
+from deepdewedge.evaluate.metrics import correlation_coefficient, fsc
 from deepdewedge.simulate.phantom import project
 
 _SCHEME = re.compile(r"^(every|highest):(\d+)$")
@@ -158,7 +158,7 @@ def _weighted_cc(a: torch.Tensor, b: torch.Tensor, column_weights: torch.Tensor)
     keep = column_weights > 0
     if int(keep.sum()) < 2:
         return math.nan
-    x, y = a[:, keep].double().reshape(-1), b[:, keep].double().reshape(-1)
-    x, y = x - x.mean(), y - y.mean()
-    denominator = float(x.norm() * y.norm())
-    return float((x @ y) / denominator) if denominator > 0 else 0.0
+    x, y = a[:, keep], b[:, keep]
+    if float(x.std()) == 0 or float(y.std()) == 0:
+        return 0.0  # a constant image correlates with nothing
+    return correlation_coefficient(x, y)

@@ -102,10 +102,9 @@ def bank_wedge(tomo0_files: list[Path], mw_angle: float | None) -> tuple[float, 
         return float(mw_angle), list(tilt_range_from_mw_angle(mw_angle))
     if not ranges or any(tilts is None for tilts in ranges):
         return 60.0, list(tilt_range_from_mw_angle(60.0))
-    lo, hi = max(t[0] for t in ranges), min(t[1] for t in ranges)
-    if max(t[0] for t in ranges) - min(t[0] for t in ranges) > 2.0 or (
-        max(t[1] for t in ranges) - min(t[1] for t in ranges) > 2.0
-    ):
+    los, his = [t[0] for t in ranges], [t[1] for t in ranges]
+    lo, hi = max(los), min(his)
+    if lo - min(los) > 2.0 or max(his) - hi > 2.0:
         log.warning(
             "the tomograms' tilt ranges differ; their sub-tomograms are masked for the tilts "
             "all of them have, %.1f° to %.1f°",
