@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from deepdewedge import pipeline
 from deepdewedge.config import (
     DEMO,
+    DatasetConfig,
     FitModelConfig,
     MakeMaskConfig,
     PrepareDataConfig,
@@ -72,16 +73,25 @@ def _help(text: str, name: str, default: Any, syntax: str = "") -> str:
     return _MARKUP_TAG.sub(r"\1\1\\\2", joined) if typer.core.HAS_RICH else joined
 
 
-def _option(model: type[BaseModel], name: str, *, text: str | None = None, syntax: str = "") -> Any:
+def _option(
+    model: type[BaseModel],
+    name: str,
+    *,
+    text: str | None = None,
+    syntax: str = "",
+    flag: str | None = None,
+) -> Any:
     """An option overriding `model`'s field `name`: help from the field's description and default.
 
     The option itself defaults to None, so that a value not given on the command line leaves the
     config file's (or the model's) value in place; `text` replaces the field's description
-    where the command line says it differently, `syntax` tells how to give the value here.
+    where the command line says it differently, `syntax` tells how to give the value here,
+    `flag` names the option where its name is not the field's.
     """
     field = model.model_fields[name]
     default = None if field.is_required() else field.get_default(call_default_factory=True)
-    return typer.Option(help=_help(text or field.description or "", name, default, syntax))
+    help_text = _help(text or field.description or "", name, default, syntax)
+    return typer.Option(*([flag] if flag else []), help=help_text)
 
 
 def _simulate_opt(name: str, text: str, syntax: str = "") -> Any:
@@ -93,6 +103,7 @@ _mask_opt = functools.partial(_option, MakeMaskConfig)
 _prepare_opt = functools.partial(_option, PrepareDataConfig)
 _fit_opt = functools.partial(_option, FitModelConfig)
 _refine_opt = functools.partial(_option, RefineTomogramConfig)
+_dataset_opt = functools.partial(_option, DatasetConfig)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -511,15 +522,52 @@ def refine_tomogram_cmd(
         ),
     ] = None,
     overwrite: Annotated[bool | None, _refine_opt("overwrite")] = None,
+    dataset: Annotated[
+        str | None,
+        _dataset_opt(
+            "path",
+            flag="--dataset",
+            text="Refine every tomogram of this dataset (AreTomo3 folder, Warp project, "
+            "RELION-5 tomograms.star, folder or glob of halves), resumably.",
+        ),
+    ] = None,
+    shard: Annotated[str | None, _dataset_opt("shard")] = None,
 ) -> None:
     """Apply a fitted model to whole tomograms in overlapping, blended tiles."""
-    _run_refine(config, {k: v for k, v in locals().items() if k != "config"})
+    if dataset is not None or shard is not None:
+        overrides = {"path": dataset, "project_dir": project_dir, "shard": shard}
+        failed = _run_dataset(
+            config,
+            overrides,
+            steps="refine",
+            model_checkpoint_file=model_checkpoint_file,
+            overwrite=bool(overwrite),
+        )
+        raise typer.Exit(code=min(failed, 100))
+    options = {k: v for k, v in locals().items() if k not in ("config", "dataset", "shard")}
+    _run_refine(config, options)
 
 
 @app.command("run")
 @_friendly
 def run_cmd(
-    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config with all sections.")],
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config with all sections.")
+    ] = None,
+    dataset: Annotated[str | None, _dataset_opt("path", flag="--dataset")] = None,
+    fit_on: Annotated[list[str] | None, _dataset_opt("fit_on", syntax=_REPEAT)] = None,
+    shard: Annotated[str | None, _dataset_opt("shard")] = None,
+    project_dir: Annotated[Path | None, _dataset_opt("project_dir")] = None,
+    model_checkpoint_file: Annotated[
+        Path | None,
+        typer.Option(help="With a dataset: refine with this model instead of fitting one."),
+    ] = None,
+    stop_after: Annotated[
+        str | None,
+        typer.Option(
+            help="With a dataset: stop after 'fit' (then refine in shards, e.g. SLURM array tasks)."
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Replace prepared data and an existing fit.")
     ] = False,
@@ -527,10 +575,29 @@ def run_cmd(
     """Run (reconstruct,) prepare-data, fit-model and refine-tomogram from one config.
 
     With a ``reconstruct`` section the tomograms are first reconstructed from the tilt series
-    and used as tomo0 and tomo1 by the other steps.
+    and used as tomo0 and tomo1 by the other steps. With ``--dataset`` (or a ``dataset``
+    section) one model is fitted on a whole dataset and every tomogram is refined; run again,
+    the same command continues where it stopped. The exit status is the number of tomograms
+    that failed (at most 100).
     """
+    sections = read_config_file(config) if config is not None else None
+    if dataset is not None or (sections is not None and sections["dataset"]):
+        if stop_after not in (None, "fit"):
+            raise InputError(f"--stop-after: '{stop_after}' is not a step; use fit")
+        overrides = {"path": dataset, "fit_on": _fit_on(fit_on), "shard": shard}
+        overrides["project_dir"] = project_dir
+        failed = _run_dataset(
+            config,
+            overrides,
+            steps="fit" if stop_after else "all",
+            model_checkpoint_file=model_checkpoint_file,
+            overwrite=overwrite,
+        )
+        raise typer.Exit(code=min(failed, 100))
+    if config is None:
+        raise InputError("ddw run: give --config (a YAML config with all sections) or --dataset")
     halves: dict[str, Any] = {}
-    has_tilt_series = bool(read_config_file(config)["reconstruct"])
+    has_tilt_series = bool(sections["reconstruct"])
     # Validate every section before any step writes anything.
     # Halves still to be reconstructed get stand-in names while validating.
     stand_in: dict[str, Any] = {}
@@ -556,6 +623,74 @@ def run_cmd(
     )
     if has_tilt_series and "heldout" in written:
         _run_score(written["record"], [written["full"], *refined], ["full", "refined"])
+
+
+def _fit_on(names: list[str] | None) -> list[str] | int | None:
+    """``--fit-on 8`` is a number of tomograms; names and patterns otherwise."""
+    if names and len(names) == 1 and names[0].isdigit():
+        return int(names[0])
+    return names
+
+
+def _run_dataset(
+    config_file: Path | None,
+    overrides: dict[str, Any],
+    *,
+    steps: str,
+    model_checkpoint_file: Path | None,
+    overwrite: bool,
+) -> int:
+    """Run a dataset and print its summary; the number of failed tomograms."""
+    from tqdm import tqdm
+
+    from deepdewedge.pipeline.dataset import DatasetCallbacks, run_dataset
+
+    dataset_config = step_config("dataset", config_file=config_file, overrides=overrides)
+    fit_bars: list[tqdm] = []
+    fit_callbacks = None
+    if steps != "refine" and model_checkpoint_file is None:
+        fit_config = step_config("fit_model", config_file=config_file)
+        fit_callbacks, fit_bars = _fit_callbacks(fit_config.num_epochs)  # type: ignore[attr-defined]
+    tiles = tqdm(desc="refining", unit="tile", dynamic_ncols=True, delay=1)
+
+    def on_tiles(done: int, total: int) -> None:
+        tiles.total = total
+        tiles.n = done
+        tiles.refresh()
+
+    def on_tomogram(name: str, record: dict[str, Any]) -> None:
+        if record["status"] == "running":
+            tiles.set_description(f"refining {name}")
+        elif record["status"] == "refined":
+            tiles.write(f"{name}: refined in {record['seconds']['refine']:.0f} s")
+        elif record["status"] == "failed":
+            tiles.write(f"{name}: FAILED: {record['error']}")
+
+    try:
+        summary = run_dataset(
+            dataset_config,  # type: ignore[arg-type]
+            config_file=config_file,
+            model_checkpoint_file=model_checkpoint_file,
+            steps=steps,  # type: ignore[arg-type]
+            overwrite=overwrite,
+            callbacks=DatasetCallbacks(fit=fit_callbacks, tiles=on_tiles, tomogram=on_tomogram),
+        )
+    finally:
+        for bar in [*fit_bars, tiles]:
+            bar.close()
+    typer.echo(f"model: {summary.checkpoint}")
+    if steps == "fit":
+        return 0
+    for name, reason in summary.failed.items():
+        typer.echo(f"failed: {name}: {reason}")
+    done = len(summary.refined) + len(summary.skipped)
+    typer.echo(
+        f"{done + len(summary.failed)} tomograms: {done} refined "
+        f"({len(summary.skipped)} before this run), {len(summary.failed)} failed"
+    )
+    for path in summary.outputs.values():
+        typer.echo(f"wrote {path}")
+    return len(summary.failed)
 
 
 def _run_score(record: Path, volumes: list[Path], labels: list[str] | None) -> None:

@@ -15,6 +15,7 @@ import deepdewedge
 from deepdewedge import pipeline
 from deepdewedge.cli import app
 from deepdewedge.config import (
+    DatasetConfig,
     FitModelConfig,
     MakeMaskConfig,
     PrepareDataConfig,
@@ -30,6 +31,8 @@ MODELS: dict[str, type[BaseModel]] = {
     "fit-model": FitModelConfig,
     "refine-tomogram": RefineTomogramConfig,
 }
+# Options of a command that set a dataset run's config, by the field they set.
+DATASET_OPTIONS = {"dataset": "path", "shard": "shard"}
 # Modules that only the commands that run may import.
 HEAVY = ("torch", "numpy", "matplotlib", "tqdm", "scipy")
 SHOWN_DEFAULT = re.compile(r"\\?\[default: (.*)\]$")
@@ -146,7 +149,10 @@ def test_defaults_shown_are_the_config_models(command):
     for option in _options(command):
         if option.name == "config":
             continue
-        default = _model_default(model, option.name)
+        if option.name in DATASET_OPTIONS:
+            default = _model_default(DatasetConfig, DATASET_OPTIONS[option.name])
+        else:
+            default = _model_default(model, option.name)
         flag = option.name.replace("_", "-")
         shown = _shown_default(option)
         assert _shows(shown, default, flag), f"ddw {command} --{flag}: {shown!r} vs {default!r}"

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from deepdewedge.config.base import DISTRIBUTED_BACKENDS, SECTIONS, Precision, _Step
+from deepdewedge.config.dataset import DatasetConfig
 from deepdewedge.config.fitting import (
     AdamParams,
     FitModelConfig,
@@ -40,6 +41,7 @@ __all__ = [
     "SECTIONS",
     "STEP_MODELS",
     "AdamParams",
+    "DatasetConfig",
     "FitModelConfig",
     "MakeMaskConfig",
     "Precision",
@@ -56,6 +58,7 @@ __all__ = [
 
 
 STEP_MODELS: dict[str, type[_Step]] = {
+    "dataset": DatasetConfig,
     "reconstruct": ReconstructConfig,
     "make_mask": MakeMaskConfig,
     "prepare_data": PrepareDataConfig,

@@ -12,7 +12,15 @@ from pydantic import (
     Field,
 )
 
-SECTIONS = ("shared", "reconstruct", "make_mask", "prepare_data", "fit_model", "refine_tomogram")
+SECTIONS = (
+    "shared",
+    "dataset",
+    "reconstruct",
+    "make_mask",
+    "prepare_data",
+    "fit_model",
+    "refine_tomogram",
+)
 # Arithmetic of the U-Net: "auto" is bf16 autocast on GPUs and float32 on the CPU. YAML's
 # `precision: 32` (a number, as in published configs) means "32".
 Precision = Annotated[

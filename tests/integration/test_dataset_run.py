@@ -1,0 +1,236 @@
+"""A whole dataset in one command: one fit, every tomogram refined, resumable, shardable."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mrcfile
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from deepdewedge.cli import app
+from deepdewedge.config import DatasetConfig
+from deepdewedge.pipeline.dataset import DatasetCallbacks, run_dataset
+from deepdewedge.pipeline.dataset_state import read_state, state_dir
+
+SHAPE = (16, 24, 24)
+CONFIG = """
+prepare_data:
+  subtomo_size: 8
+  subtomo_extraction_strides: [8, 8, 8]
+  val_fraction: 0.2
+fit_model:
+  unet_params_dict: {chans: 4, num_downsample_layers: 1}
+  num_epochs: 2
+  batch_size: 4
+  interpolation: linear
+  update_subtomo_missing_wedges_every_n_epochs: 1
+  check_val_every_n_epochs: 1
+refine_tomogram:
+  batch_size: 4
+"""
+
+
+def _write(path, volume):
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(volume.astype(np.float32))
+        mrc.voxel_size = 10.0
+
+
+def _add_tomogram(folder, name, seed):
+    rng = np.random.default_rng(seed)
+    signal_ = rng.standard_normal(SHAPE)
+    for half in (0, 1):
+        _write(folder / f"{name}_tomo{half}.mrc", signal_ + 0.5 * rng.standard_normal(SHAPE))
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    folder = tmp_path / "halves"
+    folder.mkdir()
+    for i in range(4):
+        _add_tomogram(folder, f"TS_{i:02d}", i)
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG)
+    return folder, config, tmp_path / "project"
+
+
+def _run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _refined_times(project):
+    return {
+        p.name: p.stat().st_mtime_ns for p in (project / "refined_tomograms").glob("*_refined.mrc")
+    }
+
+
+def test_fits_once_refines_all_and_resumes_without_redoing(dataset):
+    folder, config, project = dataset
+    # A truncated half: reported, and the others finish.
+    broken = folder / "TS_02_tomo1.mrc"
+    broken.write_bytes(broken.read_bytes()[:2000])
+    result = _run("run", "--config", config, "--dataset", folder, "--project-dir", project)
+    assert result.exit_code == 1, result.output
+    assert "failed: TS_02:" in result.output and "TS_02_tomo1.mrc" in result.output
+    state = read_state(project)
+    statuses = {name: r["status"] for name, r in state["tomograms"].items()}
+    assert statuses == {
+        "TS_00": "refined",
+        "TS_01": "refined",
+        "TS_02": "failed",
+        "TS_03": "refined",
+    }
+    assert state["fit"]["status"] == "done" and "TS_02" not in state["fit"]["fit_on"]
+    with open(project / "tomograms.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["status"] for r in rows] == ["refined", "refined", "failed", "refined"]
+    assert "TS_02_tomo1.mrc" in rows[2]["error"]
+    report = (project / "report.html").read_text()
+    assert all(f"TS_0{i}" in report for i in range(4))
+    refined = project / "refined_tomograms" / "TS_00_refined.mrc"
+    with mrcfile.open(refined, permissive=True) as mrc:
+        assert mrc.data.shape == SHAPE and float(mrc.voxel_size.x) == pytest.approx(10.0)
+    before = _refined_times(project)
+    checkpoint = state["fit"]["checkpoint"]
+
+    # The broken tomogram is fixed and a new one appears: only those two are refined, with
+    # the same model; nothing finished is touched.
+    _add_tomogram(folder, "TS_02", 2)
+    _add_tomogram(folder, "TS_04", 4)
+    result = _run("run", "--config", config, "--dataset", folder, "--project-dir", project)
+    assert result.exit_code == 0, result.output
+    assert "5 tomograms: 5 refined (3 before this run), 0 failed" in result.output
+    after = _refined_times(project)
+    assert {k: after[k] for k in before} == before
+    assert set(after) == {f"TS_0{i}_refined.mrc" for i in range(5)}
+    assert read_state(project)["fit"]["checkpoint"] == checkpoint
+
+
+def test_a_run_stopped_while_refining_continues_where_it_stopped(dataset):
+    folder, config, project = dataset
+    seen = []
+
+    def stop_after_two(name, record):
+        seen.append((name, record["status"]))
+        if sum(status == "refined" for _, status in seen) == 2:
+            raise KeyboardInterrupt
+
+    settings = DatasetConfig(path=str(folder), project_dir=project)
+    with pytest.raises(KeyboardInterrupt):
+        run_dataset(
+            settings, config_file=config, callbacks=DatasetCallbacks(tomogram=stop_after_two)
+        )
+    before = _refined_times(project)
+    assert len(before) == 2
+    summary = run_dataset(settings, config_file=config)
+    assert sorted(summary.skipped) == ["TS_00", "TS_01"]
+    assert sorted(summary.refined) == ["TS_02", "TS_03"]
+    assert {k: v for k, v in _refined_times(project).items() if k in before} == before
+
+
+def test_a_killed_dataset_run_resumes(dataset):
+    folder, config, project = dataset
+    command = [sys.executable, "-m", "deepdewedge.cli", "run", "--config", str(config)]
+    command += ["--dataset", str(folder), "--project-dir", str(project)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    state = state_dir(project) / "state.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.exists() and '"refined"' in state.read_text():
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = {
+        n for n, r in read_state(project)["tomograms"].items() if r["status"] == "refined"
+    }
+    before = _refined_times(project)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = read_state(project)["tomograms"]
+    assert all(r["status"] == "refined" for r in records.values()) and len(records) == 4
+    after = _refined_times(project)
+    assert {f"{n}_refined.mrc" for n in done_before} <= set(before)
+    assert all(after[f"{n}_refined.mrc"] == before[f"{n}_refined.mrc"] for n in done_before)
+
+
+def test_two_shards_refine_every_tomogram_exactly_once(dataset):
+    folder, config, project = dataset
+    result = _run(
+        "run",
+        "--config",
+        config,
+        "--dataset",
+        folder,
+        "--project-dir",
+        project,
+        "--stop-after",
+        "fit",
+    )
+    assert result.exit_code == 0, result.output
+    assert not (project / "refined_tomograms").exists()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    shards = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "deepdewedge.cli",
+                "refine-tomogram",
+                "--config",
+                str(config),
+                "--dataset",
+                str(folder),
+                "--project-dir",
+                str(project),
+            ],
+            env={
+                **env,
+                "SLURM_ARRAY_TASK_ID": str(k),
+                "SLURM_ARRAY_TASK_MIN": "1",
+                "SLURM_ARRAY_TASK_COUNT": "2",
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for k in (1, 2)
+    ]
+    for shard in shards:
+        output, _ = shard.communicate(timeout=300)
+        assert shard.returncode == 0, output
+    files = sorted(state_dir(project).glob("state*.json"))
+    assert [f.name for f in files] == [
+        "state.json",
+        "state.shard-1-of-2.json",
+        "state.shard-2-of-2.json",
+    ]
+    per_shard = [json.loads(f.read_text())["tomograms"] for f in files[1:]]
+    assert set(per_shard[0]) == {"TS_00", "TS_02"} and set(per_shard[1]) == {"TS_01", "TS_03"}
+    assert all(r["status"] == "refined" for records in per_shard for r in records.values())
+    assert not (project / "report.html").exists()  # shards write no shared file
+    # A run over the whole dataset merges: nothing is refined again.
+    before = _refined_times(project)
+    result = _run(
+        "refine-tomogram", "--config", config, "--dataset", folder, "--project-dir", project
+    )
+    assert result.exit_code == 0, result.output
+    assert "4 tomograms: 4 refined (4 before this run), 0 failed" in result.output
+    assert _refined_times(project) == before
+    assert (project / "report.html").exists()
+
+
+def test_a_shard_without_a_fitted_model_says_what_to_run(dataset):
+    folder, config, project = dataset
+    result = _run(
+        "run", "--config", config, "--dataset", folder, "--project-dir", project, "--shard", "1/2"
+    )
+    assert result.exit_code == 1
+    assert "--stop-after fit" in result.output and len(result.output.strip().splitlines()) == 1
