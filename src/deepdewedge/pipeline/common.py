@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -111,6 +112,59 @@ def mean_std(volume: np.ndarray, *, slab_voxels: int = 1 << 22) -> tuple[float, 
         n += slab.size
     mean = total / n
     return mean, float(np.sqrt(max(total_sq / n - mean**2, 0.0)))
+
+
+def binned_preview(
+    volume: np.ndarray,
+    *,
+    max_voxels: int = 1 << 21,
+    max_side: int = 512,
+    slab_voxels: int = 1 << 22,
+) -> np.ndarray:
+    """`(d, h, w)` volume binned for a figure, read slab by slab, as float32.
+
+    Parameters
+    ----------
+    volume : numpy.ndarray
+        Volume of shape `(d, h, w)`, of any size; typically a memory map.
+    max_voxels : int
+        The binned volume has at most about this many voxels.
+    max_side : int
+        The binned volume has at most this many voxels along y and along x.
+    slab_voxels : int
+        About this many voxels are read at a time.
+
+    Returns
+    -------
+    numpy.ndarray
+        The binned volume, float32, of shape ``ceil(n / factor)`` along each axis, where the
+        bin factor is the smallest integer that meets both limits (1 for small volumes, which
+        are returned unbinned). Each output voxel is the mean of its block; blocks at the far
+        borders may be partial. The planes of a memory map are released once read, so memory
+        does not grow with the size of the volume.
+    """
+    d, h, w = (int(n) for n in volume.shape)
+    factor = max(
+        1,
+        math.ceil(max(h, w) / max_side),
+        math.ceil((d * h * w / max_voxels) ** (1 / 3)),
+    )
+    if factor == 1:
+        return np.array(volume, dtype=np.float32)
+    binned = np.zeros([math.ceil(n / factor) for n in (d, h, w)], dtype=np.float64)
+    rows = factor * max(1, slab_voxels // (factor * factor * w))  # y rows per read
+    x_blocks = np.arange(0, w, factor)
+    for z0 in range(0, d, factor):
+        for y0 in range(0, h, rows):
+            block = np.asarray(volume[z0 : z0 + factor, y0 : y0 + rows], dtype=np.float64)
+            summed = np.add.reduceat(block.sum(axis=0), np.arange(0, block.shape[1], factor))
+            binned[z0 // factor, y0 // factor : y0 // factor + len(summed)] = np.add.reduceat(
+                summed, x_blocks, axis=1
+            )
+        release_planes(volume, z0, z0 + factor)
+    counts = [np.diff(np.append(np.arange(0, n, factor), n)) for n in (d, h, w)]
+    binned /= counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
+    return binned.astype(np.float32)
 
 
 def sha256(path: Path, *, chunk: int = 1 << 24) -> str:

@@ -23,6 +23,7 @@ from deepdewedge.evaluate.figures import orthoslice_figure
 from deepdewedge.io.atomic import remove_stale_temporaries
 from deepdewedge.io.mrc import InputError, map_volume, new_volume, release_planes
 from deepdewedge.pipeline.common import (
+    binned_preview,
     check_writable,
     mean_std,
     resolve_device,
@@ -219,32 +220,7 @@ def _average_and_difference(first: np.ndarray, second: np.ndarray) -> None:
 
 
 def _preview(volume: np.ndarray) -> np.ndarray:
-    """`(d, h, w)` volume binned for a figure, read slab by slab, as float32.
-
-    The bin factor is the smallest integer that brings the volume to at most
-    ``_PREVIEW_VOXELS`` voxels and ``_PREVIEW_SIDE`` voxels along y and x (1 for small
-    volumes, which are returned unbinned). Each output voxel is the mean of its block; blocks
-    at the far borders may be partial. The planes of a memory map are released once read.
-    """
-    d, h, w = (int(n) for n in volume.shape)
-    factor = max(
-        1,
-        math.ceil(max(h, w) / _PREVIEW_SIDE),
-        math.ceil((d * h * w / _PREVIEW_VOXELS) ** (1 / 3)),
+    """`(d, h, w)` volume binned for the QC figure (:func:`binned_preview`), as float32."""
+    return binned_preview(
+        volume, max_voxels=_PREVIEW_VOXELS, max_side=_PREVIEW_SIDE, slab_voxels=_SLAB_VOXELS
     )
-    if factor == 1:
-        return np.array(volume, dtype=np.float32)
-    binned = np.zeros([math.ceil(n / factor) for n in (d, h, w)], dtype=np.float64)
-    rows = factor * max(1, _SLAB_VOXELS // (factor * factor * w))  # y rows per read
-    x_blocks = np.arange(0, w, factor)
-    for z0 in range(0, d, factor):
-        for y0 in range(0, h, rows):
-            block = np.asarray(volume[z0 : z0 + factor, y0 : y0 + rows], dtype=np.float64)
-            summed = np.add.reduceat(block.sum(axis=0), np.arange(0, block.shape[1], factor))
-            binned[z0 // factor, y0 // factor : y0 // factor + len(summed)] = np.add.reduceat(
-                summed, x_blocks, axis=1
-            )
-        release_planes(volume, z0, z0 + factor)
-    counts = [np.diff(np.append(np.arange(0, n, factor), n)) for n in (d, h, w)]
-    binned /= counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
-    return binned.astype(np.float32)
