@@ -30,6 +30,18 @@ AreTomo2 and early AreTomo3, which is recognised, as AreTomo3 itself does, by a 
 Some early AreTomo3 files number the rows after the dark views were taken out; rows whose
 sections collide with dark frames are therefore given, in order, the sections that are not
 dark.
+
+An AreTomo3 output folder (``-OutDir``) holds, per tilt series ``{TS}`` (the input's name), the
+volumes ``{TS}_Vol.mrc`` and, with ``-SplitSum 1`` (the default since 2.0.2), the volumes of the
+even and odd frame sums ``{TS}_EVN_Vol.mrc`` and ``{TS}_ODD_Vol.mrc`` (``CAsyncSaveVol``), all
+directly in the folder; beside them ``{TS}.aln`` (``CSaveAlignFile::GenFileName``) and
+``{TS}_TLT.txt`` (``CTsPackage::mSaveTiltFile``: tilt, acquisition index and, since 2.0, dose
+of every section of the tilt series, dark ones included). ``-OutImod`` adds a ``{TS}_Imod/``
+folder of IMOD files and a second ``-AtBin`` a ``{TS}_2ND_Vol.mrc``, neither with half
+volumes; ``TiltSeries_Metrics.csv`` (``CTsMetrics``) gives thickness, tilt axis, CTF and the
+alpha and beta offsets, but no tilt angles, so it cannot give a tilt range.
+:func:`read_aretomo3_folder` takes the tilt range from the ``TILT`` column of the ``.aln``
+(the views kept in the alignment and reconstruction), else from the ``_TLT.txt``.
 """
 
 from __future__ import annotations
@@ -41,11 +53,18 @@ from pathlib import Path
 
 import numpy as np
 
+from deepdewedge.io.dataset import TomogramEntry
 from deepdewedge.io.errors import InputError
 from deepdewedge.io.geometry import TiltSeriesGeometry
+from deepdewedge.io.mrc import map_volume
 from deepdewedge.io.tilts import _number, _read_lines, _show
 
-__all__ = ["read_aretomo_aln", "read_aretomo_pre_exposure"]
+__all__ = [
+    "is_aretomo3_folder",
+    "read_aretomo3_folder",
+    "read_aretomo_aln",
+    "read_aretomo_pre_exposure",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -247,3 +266,122 @@ def read_aretomo_aln(
         pre_exposure_e_per_a2=pre,
         source=str(path),
     )
+
+
+# --------------------------------------------------------------------------- AreTomo3 folders
+
+_HALVES = ("_EVN_Vol.mrc", "_ODD_Vol.mrc")
+
+
+def is_aretomo3_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is AreTomo3's output: half volumes, or ``.aln`` and even-frame stacks.
+
+    That is: it holds ``*_EVN_Vol.mrc`` or ``*_ODD_Vol.mrc``, or, where AreTomo3 aligned
+    without reconstructing (``-VolZ 0``), ``*.aln`` beside ``*_EVN.mrc`` tilt series (which
+    must not be taken for half tomograms).
+    """
+    folder = Path(folder)
+    if any(any(folder.glob(f"*{suffix}")) for suffix in _HALVES):
+        return True
+    return any(folder.glob("*.aln")) and any(folder.glob("*_EVN.mrc"))
+
+
+def _xzy_volume(path: Path) -> str | None:
+    """Why `path` looks saved x-z-y (thinnest along y), or None."""
+    depth, height, width = map_volume(path)[0].shape
+    if height < depth and height < width:
+        return (
+            f"{path}: {depth}x{height}x{width} voxels (nz, ny, nx), thinnest along y: AreTomo3 "
+            "saves volumes x-z-y unless run with -FlipVol 1; reconstruct with -FlipVol 1 or "
+            "rotate the volumes (IMOD: clip rotx)"
+        )
+    return None
+
+
+def _tilt_range(folder: Path, name: str) -> tuple[float, float] | None:
+    """Lowest and highest tilt of ``{name}.aln`` (kept views), else of ``{name}_TLT.txt``."""
+    aln = folder / f"{name}.aln"
+    if aln.is_file():
+        tilts = [values[9] for _, values in _parse(aln).rows]
+        return min(tilts), max(tilts)
+    tlt = folder / f"{name}_TLT.txt"
+    if not tlt.is_file():
+        return None
+    kind = "AreTomo3 _TLT.txt (tilt, acquisition index[, dose] per line)"
+    lines = _read_lines(tlt, kind=kind)
+    if not lines:
+        raise InputError(f"{tlt}: empty; give the {kind}")
+    tilts = [
+        _number(tlt, lineno, line.split()[0], what="tilt", fix=f"give the {kind}")
+        for lineno, line in lines
+    ]
+    return min(tilts), max(tilts)
+
+
+def read_aretomo3_folder(folder: str | os.PathLike) -> list[TomogramEntry]:
+    """Read the half tomograms of an AreTomo3 output folder (see the module docstring).
+
+    Parameters
+    ----------
+    folder
+        AreTomo3's ``-OutDir``, holding ``{TS}_EVN_Vol.mrc`` and ``{TS}_ODD_Vol.mrc``.
+
+    Returns
+    -------
+    list of TomogramEntry
+        One per tilt series ``{TS}`` with either half volume, sorted by name: ``tomo0`` the
+        even-frame volume, ``tomo1`` the odd one, ``full`` ``{TS}_Vol.mrc`` where present. The
+        tilt range is that of the ``TILT`` column of ``{TS}.aln``, else of the angles in
+        ``{TS}_TLT.txt``, else None. A missing half, a volume saved x-z-y (``-FlipVol 0``,
+        AreTomo3's default: recognised by being thinnest along y) or an unreadable volume,
+        ``.aln`` or ``_TLT.txt`` gives an entry with an error.
+
+    Raises
+    ------
+    InputError
+        A folder without half volumes.
+
+    Notes
+    -----
+    The angles are AreTomo's, which this package reads in IMOD's sign (see the module
+    docstring), so the range is that of the volume when AreTomo3 wrote it with xy slices
+    along z (``-FlipVol 1``), as this package's tomograms are.
+    """
+    folder = Path(folder)
+    names = sorted(
+        {p.name[: -len(suffix)] for suffix in _HALVES for p in folder.glob(f"*{suffix}")}
+    )
+    if not names:
+        raise InputError(
+            f"{folder}: AreTomo3 output without *_EVN_Vol.mrc / *_ODD_Vol.mrc volumes; run "
+            "AreTomo3 with -VolZ above 0, -SplitSum 1 and -FlipVol 1"
+        )
+    entries = []
+    for name in names:
+        even, odd = (folder / f"{name}{suffix}" for suffix in _HALVES)
+        full = folder / f"{name}_Vol.mrc"
+        error = next(
+            (
+                f"{half}: no such file, the other half of {other.name}; run AreTomo3 with "
+                "-SplitSum 1 again or move the unpaired volume out of the folder"
+                for half, other in ((even, odd), (odd, even))
+                if not half.is_file()
+            ),
+            None,
+        )
+        try:
+            error = error or _xzy_volume(even if even.is_file() else odd)
+            tilt_range = _tilt_range(folder, name)
+        except InputError as err:
+            tilt_range, error = None, error or str(err)
+        entries.append(
+            TomogramEntry(
+                name,
+                even if even.is_file() else None,
+                odd if odd.is_file() else None,
+                full=full if full.is_file() else None,
+                tilt_range_deg=tilt_range,
+                error=error,
+            )
+        )
+    return entries

@@ -15,22 +15,37 @@ tilt angles' sign opposite to the specimen's real tilt; Warp then keeps the angl
 positions and only flips the depth used for defocus. Here the flag negates ``θ`` and ``α``:
 the image positions stay the same (negating both angles mirrors the tomogram in z) and the
 tomogram's hand agrees with the defocus gradient Warp measured.
+
+A Warp/WarpTools processing folder (WarpTools' ``--output_processing``, e.g.
+``warp_tiltseries/``) holds each tilt series' ``{name}.xml`` (``Movie.XMLPath``) and the
+folder ``reconstruction/`` (``TiltSeries.ReconstructionDir``) with the tomograms
+``{name}_{pixel:F2}Apx.mrc``. ``ts_reconstruct --halfmap_frames`` (from even and odd frames)
+or ``--halfmap_tilts`` (from alternating tilts) adds ``reconstruction/even/`` and
+``reconstruction/odd/`` with the half tomograms under the same file names
+(``TiltSeries.ReconstructFull``); ``deconv/``, ``ctf/`` and ``denoised/`` hold other volumes.
+Warp reconstructs each tilt at ``t = Angle + LevelAngleY`` in its frame, whose z axis is this
+package's reversed (above), and writes z slices in increasing z. Its tomogram therefore
+measured the Fourier planes of tilts ``-t`` in this package's convention:
+:func:`read_warp_folder` gives the range ``(-max t, -min t)`` over the tilts with
+``UseTilt``, whatever ``AreAnglesInverted`` says (Warp's positions do not use it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 
+from deepdewedge.io.dataset import TomogramEntry
 from deepdewedge.io.errors import InputError
 from deepdewedge.io.geometry import TiltSeriesGeometry
 from deepdewedge.io.tilts import _number, _read_lines, _show
 
-__all__ = ["read_warp_xml"]
+__all__ = ["is_warp_folder", "read_warp_folder", "read_warp_xml", "warp_tilt_range_deg"]
 
 logger = logging.getLogger(__name__)
 
@@ -228,3 +243,120 @@ def read_warp_xml(path: str | os.PathLike, *, pixel_size_angstrom: float) -> Til
         defocus_um=_defocus(xml, n),
         source=str(path),
     )
+
+
+# --------------------------------------------------------------------------- Warp folders
+
+# Warp's tomogram name: the tilt series' name and the pixel size with two decimals (C# "F2",
+# whose decimal separator follows the locale).
+_TOMOGRAM = re.compile(r"^(?P<series>.+)_\d+[.,]\d{2}Apx$")
+
+
+def _reconstruction_folder(folder: Path) -> Path | None:
+    """The ``reconstruction`` folder of a processing folder, or the folder itself if it is one."""
+    for candidate in (folder / "reconstruction", folder):
+        if (candidate / "even").is_dir() and (candidate / "odd").is_dir():
+            if candidate != folder or folder.name == "reconstruction":
+                return candidate
+    return None
+
+
+def is_warp_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a Warp processing folder with half tomograms, or its reconstructions.
+
+    That is: it has ``reconstruction/even/`` and ``reconstruction/odd/``, or it is a folder
+    named ``reconstruction`` with ``even/`` and ``odd/``.
+    """
+    return _reconstruction_folder(Path(folder)) is not None
+
+
+def warp_tilt_range_deg(path: str | os.PathLike) -> tuple[float, float]:
+    """The tilt range of a Warp tomogram in this package's convention, from its tilt series' .xml.
+
+    Parameters
+    ----------
+    path
+        The tilt series' ``.xml``.
+
+    Returns
+    -------
+    tuple of float
+        ``(-max t, -min t)`` in degrees over the tilts with ``UseTilt``, ``t`` being
+        ``Angle + LevelAngleY`` (see the module docstring for the sign).
+
+    Raises
+    ------
+    InputError
+        An .xml that cannot be read, without ``<Angles>``, or with no tilt in use.
+    """
+    xml = _Xml(Path(path))
+    tokens = xml.column("Angles", None)
+    if not tokens:
+        raise InputError(f"{path}: no <Angles>; {_FIX}")
+    n = len(tokens)
+    tilts = xml.numbers("Angles", n, 0.0) + xml.attribute("LevelAngleY", 0.0)
+    used = tilts[_use_tilt(xml, n)]
+    if used.size == 0:
+        raise InputError(f"{path}: no tilt has UseTilt True; {_FIX}")
+    return -float(used.max()), -float(used.min())
+
+
+def read_warp_folder(folder: str | os.PathLike) -> list[TomogramEntry]:
+    """Read the half tomograms of a Warp/WarpTools processing folder (see the module docstring).
+
+    Parameters
+    ----------
+    folder
+        The processing folder (with ``reconstruction/even/`` and ``reconstruction/odd/``) or
+        its ``reconstruction`` folder.
+
+    Returns
+    -------
+    list of TomogramEntry
+        One per file name in ``even/`` or ``odd/``, named after the file
+        (``{name}_{pixel}Apx``, so reconstructions at two pixel sizes stay apart), sorted:
+        ``tomo0`` the even half, ``tomo1`` the odd one, ``full`` the same name in
+        ``reconstruction/``. The tilt range comes from ``{name}.xml`` in the processing folder
+        (:func:`warp_tilt_range_deg`); it is None where there is no .xml. A missing half or an
+        unreadable .xml gives an entry with an error.
+    """
+    reconstruction = _reconstruction_folder(Path(folder))
+    if reconstruction is None:
+        raise InputError(
+            f"{folder}: no reconstruction/even and reconstruction/odd folders; run WarpTools "
+            "ts_reconstruct with --halfmap_frames or --halfmap_tilts"
+        )
+    even, odd = reconstruction / "even", reconstruction / "odd"
+    stems = sorted({p.stem for half in (even, odd) for p in half.glob("*.mrc")})
+    entries = []
+    for stem in stems:
+        tomo0, tomo1 = even / f"{stem}.mrc", odd / f"{stem}.mrc"
+        full = reconstruction / f"{stem}.mrc"
+        error = next(
+            (
+                f"{half}: no such file, the other half of {other}; reconstruct the tilt series "
+                "again with --halfmap_frames or --halfmap_tilts"
+                for half, other in ((tomo0, tomo1), (tomo1, tomo0))
+                if not half.is_file()
+            ),
+            None,
+        )
+        match = _TOMOGRAM.match(stem)
+        xml = reconstruction.parent / f"{match['series'] if match else stem}.xml"
+        tilt_range = None
+        if xml.is_file():
+            try:
+                tilt_range = warp_tilt_range_deg(xml)
+            except InputError as err:
+                error = error or str(err)
+        entries.append(
+            TomogramEntry(
+                stem,
+                tomo0 if tomo0.is_file() else None,
+                tomo1 if tomo1.is_file() else None,
+                full=full if full.is_file() else None,
+                tilt_range_deg=tilt_range,
+                error=error,
+            )
+        )
+    return entries
