@@ -269,6 +269,7 @@ def test_aretomo3_folder_without_volumes(tmp_path):
     for name in ("TS_1", "TS_1_EVN", "TS_1_ODD"):
         _volume(out / f"{name}.mrc")
     write_aretomo_aln(out / "TS_1.aln", _geometry())
+    write_aretomo_tlt_txt(out / "TS_1_TLT.txt", _geometry())
     with pytest.raises(InputError) as err:
         read_dataset(out)
     assert "-VolZ" in assert_one_line(err, out)

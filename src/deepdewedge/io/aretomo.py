@@ -274,16 +274,17 @@ _HALVES = ("_EVN_Vol.mrc", "_ODD_Vol.mrc")
 
 
 def is_aretomo3_folder(folder: str | os.PathLike) -> bool:
-    """Whether `folder` is AreTomo3's output: half volumes, or ``.aln`` and even-frame stacks.
+    """Whether `folder` is AreTomo3's output: half volumes, or even-frame tilt series.
 
     That is: it holds ``*_EVN_Vol.mrc`` or ``*_ODD_Vol.mrc``, or, where AreTomo3 aligned
-    without reconstructing (``-VolZ 0``), ``*.aln`` beside ``*_EVN.mrc`` tilt series (which
-    must not be taken for half tomograms).
+    without reconstructing (``-VolZ 0``), a ``{TS}_EVN.mrc`` tilt series beside its
+    ``{TS}_TLT.txt`` (which must not be taken for a half tomogram).
     """
     folder = Path(folder)
     if any(any(folder.glob(f"*{suffix}")) for suffix in _HALVES):
         return True
-    return any(folder.glob("*.aln")) and any(folder.glob("*_EVN.mrc"))
+    stacks = folder.glob("*_EVN.mrc")
+    return any(p.with_name(p.name.removesuffix("_EVN.mrc") + "_TLT.txt").is_file() for p in stacks)
 
 
 def _xzy_volume(path: Path) -> str | None:

@@ -23,7 +23,7 @@ import glob
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,11 +129,12 @@ def read_dataset(path: str | os.PathLike) -> list[TomogramEntry]:
     else:
         raise InputError(f"{path}: no such file or folder; {LAYOUTS}")
     if not entries:
-        raise InputError(f"{text}: no tomograms found in {text}; {LAYOUTS}")
+        where = "this folder" if path.is_dir() else "these files"
+        raise InputError(f"{text}: no tomograms found in {where}; {LAYOUTS}")
     return _checked(entries, source=text)
 
 
-def _volumes(paths: object) -> list[Path]:
+def _volumes(paths: Iterable[Path]) -> list[Path]:
     """The volume files among `paths`, sorted."""
     return sorted(p for p in paths if p.suffix.lower() in _EXTENSIONS and p.is_file())
 
@@ -207,26 +208,27 @@ def read_paired_files(files: Sequence[Path], *, source: str | os.PathLike) -> li
     InputError
         Two pairs that would give one tomogram name.
     """
-    groups: dict[tuple[Path, str, str], dict[int, tuple[Path, str]]] = {}
+    groups: dict[tuple[Path, str, str, str], dict[int, tuple[Path, str]]] = {}
     for file in files:
         split = _split(file)
         if split is None:
             continue
         slotted, family, half, token = split
-        halves = groups.setdefault((file.parent, slotted + file.suffix, family), {})
+        halves = groups.setdefault((file.parent, slotted, file.suffix, family), {})
         if half in halves and halves[half][0] != file:
             raise InputError(
                 f"{file}: both this file and {halves[half][0]} would be the same half of "
                 f"{_fill(slotted, '')!r}; {LAYOUTS}, one file per half"
             )
         halves[half] = (file, token)
-    entries = [_pair(folder, key, halves) for (folder, key, _), halves in groups.items()]
+    entries = [_pair(key[0], key[1], key[2], halves) for key, halves in groups.items()]
     return _checked(entries, source=os.fspath(source))
 
 
-def _pair(folder: Path, slotted_name: str, halves: dict[int, tuple[Path, str]]) -> TomogramEntry:
+def _pair(
+    folder: Path, slotted: str, suffix: str, halves: dict[int, tuple[Path, str]]
+) -> TomogramEntry:
     """The entry of one pair: partner looked up on disk, full tomogram, tilt range."""
-    slotted, suffix = slotted_name[: -len(Path(slotted_name).suffix)], Path(slotted_name).suffix
     name = _fill(slotted, "") or folder.name
     known = dict(halves)
     for half, (_, token) in halves.items():

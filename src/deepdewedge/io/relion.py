@@ -379,24 +379,20 @@ def read_relion_tomograms_star(path: str | os.PathLike) -> list[TomogramEntry]:
     table = _global_table(path, read_star(path))
     entries = []
     for lineno, row in table.rows:
-
-        def value(column: str, row: list[str] = row) -> str | None:
-            return row[table.columns.index(column)] if column in table.columns else None
-
-        name = value("rlnTomoName") or ""
-        halves = [_resolve(path, value(column) or "") for column in _HALF_COLUMNS]
+        value = dict(zip(table.columns, row, strict=True))
+        name = value["rlnTomoName"]
+        halves = [_resolve(path, value[column]) for column in _HALF_COLUMNS]
         error = next(
             (
-                _not_found(path, lineno, value(column) or "")
+                _not_found(path, lineno, value[column])
                 for column, half in zip(_HALF_COLUMNS, halves, strict=True)
                 if half is None
             ),
             None,
         )
-        full_value = value(_FULL_COLUMN)
-        full = _resolve(path, full_value) if full_value else None
+        full = _resolve(path, value[_FULL_COLUMN]) if value.get(_FULL_COLUMN) else None
         tilt_range = None
-        series = value(_SERIES_COLUMN)
+        series = value.get(_SERIES_COLUMN)
         if series is not None:
             series_path = _resolve(path, series)
             if series_path is None:
