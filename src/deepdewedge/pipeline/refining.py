@@ -44,7 +44,10 @@ _PREVIEW_SIDE = 512
 
 
 def refine_tomogram(
-    config: RefineTomogramConfig, *, progress: Callable[[int, int], None] | None = None
+    config: RefineTomogramConfig,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    names: list[str] | None = None,
 ) -> list[Path]:
     """Step 3: refine tomograms with a fitted model and write them as MRC.
 
@@ -58,7 +61,8 @@ def refine_tomogram(
     it has finished with (:func:`deepdewedge.io.mrc.release_planes`), so host memory, mapped
     file pages included, stays at a few tiles and slabs whatever the tomogram's size (plus
     what the operating system caches of the files, outside the process).
-    Several GPUs in ``gpu`` share the tiles of each tomogram.
+    Several GPUs in ``gpu`` share the tiles of each tomogram. Outputs are named
+    ``{name}_refined.mrc`` by `names`, one per tomogram, else after the input files.
     """
     ckpt = config.model_checkpoint_file or best_checkpoint(log_dir(config) / "checkpoints")
     model, state = load_model(ckpt)
@@ -96,6 +100,10 @@ def refine_tomogram(
             ([Path(f0), Path(f1)], f"{Path(f0).stem}+{Path(f1).stem}")
             for f0, f1 in zip(config.tomo0_files, config.tomo1_files, strict=True)
         ]
+    if names is not None:
+        if len(names) != len(jobs):
+            raise ValueError(f"{len(names)} names for {len(jobs)} tomograms")
+        jobs = [(files, name) for (files, _), name in zip(jobs, names, strict=True)]
     # Everything that can fail is checked before the first tile is refined.
     volumes = {}
     for files, stem in jobs:
