@@ -61,6 +61,12 @@ class PrepareDataConfig(_Step):
         "range ddw reconstruct recorded beside the half tomograms (an asymmetric one too), "
         "else 60. Recorded with the sub-tomograms for fit-model.",
     )
+    tilt_ranges_deg: list[tuple[float, float] | None] | None = Field(
+        None,
+        description="Lowest and highest tilt angle in degrees of each tomogram, in the order "
+        "of tomo0_files; default: the tilt range ddw reconstruct recorded beside the half "
+        "tomograms.",
+    )
     subtomo_dir: Path | None = Field(
         None, description="Folder of the sub-tomogram banks; default: {project_dir}/subtomos."
     )
@@ -105,6 +111,17 @@ class PrepareDataConfig(_Step):
             raise ValueError(
                 f"mask_files ({len(self.mask_files)}) must list one mask per tomogram pair "
                 f"({len(self.tomo0_files)}); give the masks in the order of tomo0_files"
+            )
+        ranges = self.tilt_ranges_deg
+        if ranges is not None and len(ranges) != len(self.tomo0_files):
+            raise ValueError(
+                f"tilt_ranges_deg ({len(ranges)}) must give one range per tomogram pair "
+                f"({len(self.tomo0_files)}); give them in the order of tomo0_files"
+            )
+        if any(r is not None and not -90 < r[0] < r[1] < 90 for r in ranges or []):
+            raise ValueError(
+                "tilt_ranges_deg: each range must be [lowest, highest] with -90 < lowest < "
+                "highest < 90; give the tilt angles in degrees"
             )
         return self
 

@@ -206,6 +206,8 @@ def _fit(
             "tomo0_files": [e.tomo0 for e in chosen],
             "tomo1_files": [e.tomo1 for e in chosen],
         }
+        if any(e.tilt_range_deg is not None for e in chosen):
+            files["tilt_ranges_deg"] = [e.tilt_range_deg for e in chosen]
         prepare_config = step_config(
             "prepare_data", config_file=config_file, overrides={**shared, **files}
         )
@@ -215,7 +217,7 @@ def _fit(
         writer.set_fit(status="preparing", fit_on=[e.name for e in chosen])
         prepare_config.overwrite = True
         try:
-            prepare_data(prepare_config, tilt_ranges_deg=[e.tilt_range_deg for e in chosen])
+            prepare_data(prepare_config)
             break
         except InputError as err:
             bad = _entry_named_in(str(err), chosen)
