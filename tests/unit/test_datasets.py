@@ -17,7 +17,8 @@ from deepdewedge.io.dataset import TomogramEntry, entries_from_lists, read_datas
 from deepdewedge.io.errors import InputError
 from deepdewedge.io.geometry import TiltSeriesGeometry
 from deepdewedge.io.mrc import write_volume
-from deepdewedge.io.relion import read_star, write_tomograms_star_copy
+from deepdewedge.io.relion import read_star
+from deepdewedge.io.relion_tomograms import write_tomograms_star_copy
 
 # An asymmetric tilt series, -50..+65 in 5° steps, plus a view at +68 that is left out.
 ANGLES = np.append(np.arange(-50.0, 66.0, 5.0), 68.0)

@@ -5,7 +5,8 @@ Every dataset reader in ``io/`` (AreTomo3 folders, Warp/WarpTools projects, RELI
 :class:`TomogramEntry`; the dataset run only ever sees this type. :func:`read_dataset`
 recognises the layout of a path and calls the right reader:
 
-- a RELION-5 ``tomograms.star`` (:func:`deepdewedge.io.relion.read_relion_tomograms_star`);
+- a RELION-5 ``tomograms.star``
+  (:func:`deepdewedge.io.relion_tomograms.read_relion_tomograms_star`);
 - an AreTomo3 output folder, holding ``*_EVN_Vol.mrc`` / ``*_ODD_Vol.mrc``
   (:func:`deepdewedge.io.aretomo.read_aretomo3_folder`);
 - a Warp/WarpTools processing folder with ``reconstruction/even/`` and ``reconstruction/odd/``,
@@ -105,7 +106,7 @@ def read_dataset(path: str | os.PathLike) -> list[TomogramEntry]:
     """
     # The format readers import TomogramEntry from this module, hence imported here.
     from deepdewedge.io.aretomo import is_aretomo3_folder, read_aretomo3_folder
-    from deepdewedge.io.relion import read_relion_tomograms_star
+    from deepdewedge.io.relion_tomograms import read_relion_tomograms_star
     from deepdewedge.io.warp import is_warp_folder, read_warp_folder
 
     text = os.fspath(path)

@@ -436,7 +436,7 @@ def write_dataset_outputs(
         summary=summary,
     )
     if Path(source).suffix == ".star":
-        from deepdewedge.io.relion import write_tomograms_star_copy
+        from deepdewedge.io.relion_tomograms import write_tomograms_star_copy
 
         refined = {
             row["name"]: Path(row["outputs"]["refined"])
