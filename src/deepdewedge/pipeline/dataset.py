@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from deepdewedge.config import DatasetConfig, step_config
+from deepdewedge.config import DatasetConfig, read_config_file, step_config
 from deepdewedge.io.dataset import TomogramEntry, read_dataset
 from deepdewedge.io.errors import InputError
 from deepdewedge.pipeline.dataset_state import (
@@ -43,6 +43,8 @@ from deepdewedge.pipeline.dataset_state import (
 log = logging.getLogger(__name__)
 
 Steps = Literal["all", "fit", "refine"]
+# Config sections that may set standardize_full_tomos.
+SCALE_SECTIONS = ("shared", "prepare_data")
 
 
 @dataclass
@@ -201,6 +203,12 @@ def _fit(
     started = time.perf_counter()
     chosen = list(chosen)
     shared = {"project_dir": project_dir}
+    # Tomograms of one dataset may differ in scale (AreTomo3's are tiny): standardise each,
+    # unless the config says otherwise.
+    sections = read_config_file(config_file) if config_file is not None else {}
+    standardize = {}
+    if not any("standardize_full_tomos" in (sections.get(k) or {}) for k in SCALE_SECTIONS):
+        standardize = {"standardize_full_tomos": True}
     while True:
         files = {
             "tomo0_files": [e.tomo0 for e in chosen],
@@ -209,7 +217,7 @@ def _fit(
         if any(e.tilt_range_deg is not None for e in chosen):
             files["tilt_ranges_deg"] = [e.tilt_range_deg for e in chosen]
         prepare_config = step_config(
-            "prepare_data", config_file=config_file, overrides={**shared, **files}
+            "prepare_data", config_file=config_file, overrides={**shared, **standardize, **files}
         )
         reuse = not overwrite and _same_banks(subtomo_dir(prepare_config), chosen)
         if reuse:
