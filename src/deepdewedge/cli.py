@@ -581,7 +581,8 @@ def run_cmd(
     that failed (at most 100).
     """
     sections = read_config_file(config) if config is not None else None
-    if dataset is not None or (sections is not None and sections["dataset"]):
+    dataset_options = (dataset, fit_on, shard, stop_after, model_checkpoint_file)
+    if any(o is not None for o in dataset_options) or (sections and sections["dataset"]):
         if stop_after not in (None, "fit"):
             raise InputError(f"--stop-after: '{stop_after}' is not a step; use fit")
         overrides = {"path": dataset, "fit_on": _fit_on(fit_on), "shard": shard}

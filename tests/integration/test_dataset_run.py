@@ -234,3 +234,65 @@ def test_a_shard_without_a_fitted_model_says_what_to_run(dataset):
     )
     assert result.exit_code == 1
     assert "--stop-after fit" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_relion5_project_gets_a_tomograms_star_of_refined_maps(tmp_path):
+    project_root = tmp_path / "relion"
+    job = project_root / "Tomograms" / "job010"
+    rows = []
+    for i, name in enumerate(["TS_1", "TS_2"]):
+        rng = np.random.default_rng(i)
+        signal_ = rng.standard_normal(SHAPE)
+        for label in ("half1", "half2"):
+            (job / "tomograms").mkdir(parents=True, exist_ok=True)
+            _write(
+                job / "tomograms" / f"rec_{name}_{label}.mrc", signal_ + rng.standard_normal(SHAPE)
+            )
+        series = job / "tilt_series" / f"{name}.star"
+        series.parent.mkdir(exist_ok=True)
+        series.write_text(
+            f"data_{name}\n\nloop_\n_rlnTomoNominalStageTiltAngle #1\n_rlnTomoYTilt #2\n"
+            + "".join(f"{a} {a + 0.5}\n" for a in range(-51, 64, 3))
+        )
+        rows.append(
+            f"{name} 4.000 Tomograms/job010/tilt_series/{name}.star "
+            f"Tomograms/job010/tomograms/rec_{name}_half1.mrc "
+            f"Tomograms/job010/tomograms/rec_{name}_half2.mrc\n"
+        )
+    star = job / "tomograms.star"
+    star.write_text(
+        "\n# version 50001\n\ndata_global\n\nloop_\n_rlnTomoName #1\n_rlnTomoTomogramBinning #2\n"
+        "_rlnTomoTiltSeriesStarFile #3\n_rlnTomoReconstructedTomogramHalf1 #4\n"
+        "_rlnTomoReconstructedTomogramHalf2 #5\n" + "".join(rows)
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG)
+    project = tmp_path / "project"
+    result = _run("run", "--config", config, "--dataset", star, "--project-dir", project)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((project / "subtomos" / "metadata.json").read_text())
+    assert meta["tilt_range_deg"] == pytest.approx([-50.5, 63.5])
+    assert meta["config"]["standardize_full_tomos"] is True
+    copy = (project / "tomograms.star").read_text()
+    for name in ("TS_1", "TS_2"):
+        refined = project / "refined_tomograms" / f"{name}_refined.mrc"
+        assert refined.exists() and str(refined) in copy
+    assert copy.count("rec_TS_1_half1.mrc") == 1  # every other column kept
+
+
+def test_the_file_lists_of_a_published_config_are_a_dataset(dataset):
+    folder, config, project = dataset
+    config.write_text(
+        CONFIG
+        + "dataset:\n  fit_on: 1\nshared:\n"
+        + f"  tomo0_files: [{folder}/TS_00_tomo0.mrc, {folder}/TS_01_tomo0.mrc]\n"
+        + f"  tomo1_files: [{folder}/TS_00_tomo1.mrc, {folder}/TS_01_tomo1.mrc]\n"
+    )
+    result = _run("run", "--config", config, "--project-dir", project)
+    assert result.exit_code == 0, result.output
+    state = read_state(project)
+    assert state["fit"]["fit_on"] == ["TS_00"]
+    assert {n: r["status"] for n, r in state["tomograms"].items()} == {
+        "TS_00": "refined",
+        "TS_01": "refined",
+    }

@@ -12,9 +12,11 @@ from deepdewedge.config.base import _Step
 class DatasetConfig(_Step):
     """``ddw run --dataset``: fit one model and refine every tomogram of a dataset."""
 
-    path: str = Field(
+    path: str | None = Field(
+        None,
         description="The dataset: an AreTomo3 output folder, a Warp/WarpTools project, a "
-        "RELION-5 tomograms.star, or a folder or glob of paired half tomograms.",
+        "RELION-5 tomograms.star, or a folder or glob of paired half tomograms; default: the "
+        "tomo0_files and tomo1_files of the config.",
     )
     fit_on: list[str] | int | None = Field(
         None,

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from deepdewedge.config import DatasetConfig, read_config_file, step_config
-from deepdewedge.io.dataset import TomogramEntry, read_dataset
+from deepdewedge.io.dataset import TomogramEntry, entries_from_lists, read_dataset
 from deepdewedge.io.errors import InputError
 from deepdewedge.pipeline.dataset_state import (
     Shard,
@@ -105,26 +105,27 @@ def run_dataset(
     callbacks = callbacks or DatasetCallbacks()
     project_dir = Path(config.project_dir)
     shard = parse_shard(config.shard)
-    entries = {e.name: e for e in read_dataset(config.path)}
-    writer = StateWriter(project_dir, shard, str(config.path))
+    entries = {e.name: e for e in _entries(config, config_file)}
+    source = config.path or str(config_file)
+    writer = StateWriter(project_dir, shard, source)
     summary = DatasetSummary(checkpoint=None)
 
     checkpoint = model_checkpoint_file
+    if checkpoint is None and not (overwrite and steps != "refine"):
+        checkpoint = _fitted_model(project_dir, any_fit=steps == "refine")
     if checkpoint is None:
-        checkpoint = _fitted_model(project_dir, overwrite=overwrite)
-    if checkpoint is None or (steps == "fit" and overwrite):
         if steps == "refine":
             raise InputError(
                 f"{project_dir}: no fitted model; give --model-checkpoint-file or fit first "
-                f"with `ddw run --dataset {config.path}`"
+                "with ddw run and the same --dataset and --project-dir"
             )
         if not shard.is_whole:
             raise InputError(
                 f"{project_dir}: no fitted model for shard {shard.index}/{shard.count}; fit "
-                f"first with `ddw run --dataset {config.path} --stop-after fit`, then start "
-                "the shards"
+                "first with the same ddw run command and --stop-after fit (no shard), then "
+                "start the shards"
             )
-        chosen = _fit_on(list(entries.values()), config.fit_on, config.path)
+        chosen = _fit_on(list(entries.values()), config.fit_on, source)
         checkpoint = _fit(chosen, project_dir, config_file, writer, callbacks, overwrite)
     summary.checkpoint = Path(checkpoint)
     if steps == "fit":
@@ -142,17 +143,42 @@ def run_dataset(
             overwrite=overwrite,
         )
     if shard.is_whole:
-        summary.outputs = write_dataset_outputs(project_dir, config.path, entries)
+        summary.outputs = write_dataset_outputs(project_dir, source, entries)
     return summary
 
 
-def _fitted_model(project_dir: Path, *, overwrite: bool) -> Path | None:
-    """The checkpoint of a finished fit recorded in the state, if it still exists."""
+def _entries(config: DatasetConfig, config_file: Path | None) -> list[TomogramEntry]:
+    """The dataset's tomograms: from its path, else from the config's file lists."""
+    if config.path is not None:
+        return read_dataset(config.path)
+    lists = step_config(
+        "refine_tomogram",
+        config_file=config_file,
+        overrides={"model_checkpoint_file": Path("model.ckpt")},
+    )
+    if not lists.tomo0_files or not lists.tomo1_files:  # type: ignore[attr-defined]
+        raise InputError(
+            f"{config_file or 'command line'}: no dataset; give --dataset or tomo0_files and "
+            "tomo1_files in the config"
+        )
+    return entries_from_lists(lists.tomo0_files, lists.tomo1_files)  # type: ignore[attr-defined]
+
+
+def _fitted_model(project_dir: Path, *, any_fit: bool) -> Path | None:
+    """The checkpoint of the finished fit recorded in the state, if it still exists.
+
+    With `any_fit`, else the best checkpoint of a fit made in `project_dir` by other means
+    (``ddw fit-model``).
+    """
     fit = read_state(project_dir)["fit"]
-    if overwrite or not fit or fit.get("status") != "done":
-        return None
-    checkpoint = Path(fit["checkpoint"])
-    return checkpoint if checkpoint.exists() else None
+    if fit and fit.get("status") == "done" and Path(fit["checkpoint"]).exists():
+        return Path(fit["checkpoint"])
+    if any_fit:
+        from deepdewedge.pipeline.fitting import best_checkpoint
+
+        checkpoint = best_checkpoint(project_dir / "logs" / "checkpoints")
+        return checkpoint if checkpoint.exists() else None
+    return None
 
 
 def _fit_on(
@@ -396,18 +422,17 @@ def _tomogram_images(
 
 
 def write_dataset_outputs(
-    project_dir: Path, source: str | Path, entries: dict[str, TomogramEntry] | None = None
+    project_dir: Path, source: str | Path, entries: dict[str, TomogramEntry]
 ) -> dict[str, Path]:
     """Merge the state of all shards into ``tomograms.csv``, ``report.html`` (and the STAR).
 
-    Tomograms of the dataset without a record yet are listed as pending.
+    `source` names the dataset (its path, or the config that lists its files); tomograms of
+    `entries` without a record yet are listed as pending.
     """
     from deepdewedge.pipeline.common import write_csv
     from deepdewedge.pipeline.report import write_report
 
     project_dir = Path(project_dir)
-    if entries is None:
-        entries = {e.name: e for e in read_dataset(source)}
     state = read_state(project_dir)
     rows = []
     for name in sorted(set(entries) | set(state["tomograms"])):
