@@ -258,7 +258,7 @@ def test_run_with_published_config_layout(tmp_path, halves):
     assert len(list(ckpts.glob("best-fit-*.ckpt"))) == 1
     assert len(list(ckpts.glob("best-val-*.ckpt"))) == 2
     # One input-bank state on disk, whatever the number of checkpoints and updates.
-    assert [p.name for p in ckpts.glob("input_bank_*.pt")] == ["input_bank_e00002.pt"]
+    assert [p.name for p in ckpts.glob("input_bank_*")] == ["input_bank_e00002.npy"]
 
 
 def test_resume_refuses_banks_prepared_again(tmp_path, halves):

@@ -226,6 +226,11 @@ class FitModelConfig(_Step):
     )
     resume: bool = Field(False, description="Continue from the latest checkpoint.")
     resume_from_checkpoint: Path | None = Field(None, description="Continue from this checkpoint.")
+    init_from: Path | None = Field(
+        None,
+        description="Checkpoint whose network weights start the fit (fine-tuning); the "
+        "optimiser starts anew.",
+    )
     overwrite: bool = Field(False, description="Discard an existing fit.")
 
     @field_validator("distributed_backend")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deepdewedge.fit.step import Banks, FitSettings
+from deepdewedge.fit.step import FitSettings
 from deepdewedge.io.checkpoint import save_checkpoint
 from deepdewedge.io.mrc import InputError
 from deepdewedge.model.unet import DeWedgeModel
@@ -16,10 +16,11 @@ class CheckpointWriter:
 
     The best checkpoints are ranked by validation loss (``best-val-*``) and by fitting loss
     (``best-fit-*``). The model-input bank changes at every missing-wedge update; its state
-    is stored once per update as ``input_bank_eNNNNN.pt`` and only the one ``latest.ckpt``
-    needs is kept, so disk use stays at one bank whatever the number of checkpoints. Every
-    checkpoint holds the model, optimiser, random state and history; a checkpoint other than
-    the latest can be resumed from until the next wedge update replaces its bank.
+    is stored once per update as ``input_bank_eNNNNN.npy`` (fitting rows, then validation
+    rows; earlier versions wrote ``.pt`` files) and only the one ``latest.ckpt`` needs is
+    kept, so disk use stays at one bank whatever the number of checkpoints. Every checkpoint
+    holds the model, optimiser, random state and history; a checkpoint other than the latest
+    can be resumed from until the next wedge update replaces its bank.
     """
 
     RANKINGS = {"val_loss": "best-val", "fitting_loss": "best-fit"}
@@ -35,16 +36,7 @@ class CheckpointWriter:
     @staticmethod
     def bank_name(epoch: int) -> str:
         """File name of the input-bank state after the update at `epoch`."""
-        return f"input_bank_e{epoch:05d}.pt"
-
-    def save_bank(self, epoch: int, banks: Banks) -> str:
-        """Store the input banks after the update at `epoch`; return the file name."""
-        name = self.bank_name(epoch)
-        save_checkpoint(
-            self.dir / name,
-            {"fit0": banks.fit0.cpu(), "val0": None if banks.val0 is None else banks.val0.cpu()},
-        )
-        return name
+        return f"input_bank_e{epoch:05d}.npy"
 
     def write(self, state: dict[str, Any], record: dict[str, Any]) -> None:
         """Write the checkpoints due after the epoch of `record`; drop those no longer kept."""
@@ -68,12 +60,14 @@ class CheckpointWriter:
             save_checkpoint(self.dir / name, state)
         for old in dropped:  # only once their successors are on disk
             (self.dir / old).unlink(missing_ok=True)
-        for bank in self.dir.glob("input_bank_e*.pt"):
+        for bank in [*self.dir.glob("input_bank_e*.npy"), *self.dir.glob("input_bank_e*.pt")]:
             if bank.name != state["bank_file"]:
                 bank.unlink(missing_ok=True)
 
     def restore(self, resumed: dict[str, Any]) -> None:
-        """Rebuild the bookkeeping from a resumed checkpoint."""
+        """Rebuild the bookkeeping from a resumed checkpoint, with the weights it started from."""
+        if "init_from" in resumed:
+            self.extra["init_from"] = resumed["init_from"]
         for metric, ranked in resumed.get("best_checkpoints", {}).items():
             self.best[metric] = [(float(v), n) for v, n in ranked if (self.dir / n).exists()]
 
@@ -87,12 +81,19 @@ def check_same_banks(state: dict[str, Any], extra: dict[str, Any], path: Path) -
         )
 
 
-def check_compatible(state: dict[str, Any], model: DeWedgeModel, path: Path) -> None:
-    """Refuse to load the checkpoint `state` (at `path`) into a different architecture."""
+def check_compatible(
+    state: dict[str, Any],
+    model: DeWedgeModel,
+    path: Path,
+    *,
+    fix: str = "use the same unet_params_dict as the run that wrote it, or fit anew with "
+    "--overwrite",
+) -> None:
+    """Refuse to load the checkpoint `state` (at `path`) into a different architecture.
+
+    The one-line error names `path` and ends with `fix`.
+    """
     own = model.state_dict()
     theirs = state.get("model_state", {})
     if own.keys() != theirs.keys() or any(own[k].shape != theirs[k].shape for k in own):
-        raise InputError(
-            f"{path}: checkpoint holds a different network architecture; use the same "
-            "unet_params_dict as the run that wrote it, or fit anew with --overwrite"
-        )
+        raise InputError(f"{path}: checkpoint holds a different network architecture; {fix}")

@@ -150,46 +150,36 @@ class DistContext:
         torch_dist.all_reduce(buffer, op=torch_dist.ReduceOp.SUM)
         return buffer.to(tensor.device)
 
-    def all_gather_rows(
-        self, local: torch.Tensor, n_total: int, *, chunk_bytes: int = 1 << 28
-    ) -> torch.Tensor:
-        """Reassemble a tensor whose rows were split with :meth:`shard`.
+    def gather_rows_to_main(
+        self, local: torch.Tensor | None, counts: list[int], row_shape: tuple[int, ...]
+    ) -> list[torch.Tensor]:
+        """The rows of every process, in rank order, on rank 0 (in host memory).
 
         Parameters
         ----------
         local
-            `(n_r, ...)` this process's rows ``shard(n_total)``.
-        n_total
-            Number of rows of the whole tensor.
-        chunk_bytes
-            Rows travel in pieces of about this size, so that a bank in host memory never
-            needs to fit on the GPU at once.
+            `(counts[rank], ...)` this process's rows; None when it has none.
+        counts
+            Number of rows of each process, known to all of them.
+        row_shape
+            Shape of one row.
 
         Returns
         -------
-        torch.Tensor
-            `(n_total, ...)` the rows of all processes, in order, on the device of `local`.
+        list of torch.Tensor
+            On rank 0, one `(counts[r], ...)` float32 tensor per process; elsewhere an empty
+            list. A single process gets back its own rows.
         """
         if self.world_size == 1:
-            return local
-        bounds = [self.shard_bounds(n_total, r) for r in range(self.world_size)]
-        longest = max(stop - start for start, stop in bounds)
-        row_shape = local.shape[1:]
-        out = torch.empty((n_total, *row_shape), dtype=local.dtype, device=local.device)
-        row_bytes = max(1, row_shape.numel() * local.element_size() * self.world_size)
-        rows = max(1, chunk_bytes // row_bytes)
-        for lo in range(0, longest, rows):
-            hi = min(lo + rows, longest)
-            piece = torch.zeros((hi - lo, *row_shape), dtype=local.dtype, device=self.comm_device)
-            mine = local[lo:hi]
-            piece[: len(mine)] = mine.to(self.comm_device)
-            gathered = [torch.empty_like(piece) for _ in range(self.world_size)]
-            torch_dist.all_gather(gathered, piece)
-            for (start, stop), rows_of_rank in zip(bounds, gathered, strict=True):
-                take = min(hi, stop - start) - lo
-                if take > 0:
-                    out[start + lo : start + lo + take] = rows_of_rank[:take].to(out.device)
-        return out
+            return [local if local is not None else torch.empty((0, *row_shape))]
+        piece = torch.zeros((max(counts), *row_shape), device=self.comm_device)
+        if local is not None:
+            piece[: len(local)] = local.to(self.comm_device)
+        gathered = [torch.empty_like(piece) for _ in range(self.world_size)]
+        torch_dist.all_gather(gathered, piece)
+        if not self.is_main:
+            return []
+        return [rows[:n].cpu() for rows, n in zip(gathered, counts, strict=True)]
 
     def barrier(self) -> None:
         """Wait until every process gets here."""

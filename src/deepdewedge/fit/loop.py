@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from deepdewedge.fit.bank_files import load_input_bank, write_filled_bank
 from deepdewedge.fit.checkpoints import CheckpointWriter, check_compatible, check_same_banks
 from deepdewedge.fit.distributed import DistContext
 from deepdewedge.fit.step import (
@@ -30,7 +31,6 @@ from deepdewedge.fit.step import (
 from deepdewedge.fit.wedge_update import fill_missing_wedges
 from deepdewedge.fourier import missing_wedge_mask
 from deepdewedge.io.checkpoint import load_checkpoint
-from deepdewedge.io.mrc import InputError
 from deepdewedge.model.denormals import flush_denormals
 from deepdewedge.model.unet import DeWedgeModel
 
@@ -67,26 +67,35 @@ class Callbacks:
 
 
 def _update_input_banks(
-    model: DeWedgeModel, banks: Banks, settings: FitSettings, dist: DistContext
+    model: DeWedgeModel, banks: Banks, settings: FitSettings, dist: DistContext, path: Path
 ) -> None:
     """Fill the missing wedges of the model-input banks; the targets stay measured data.
 
-    Each process fills its contiguous share of a bank in memory; the shares are then gathered,
-    so every process holds the whole updated bank.
+    The filled crops go into the new bank file `path` (fitting rows, then validation rows),
+    which the fit then reads through a memory map, or from the device where the old input
+    bank was resident. Each process fills its share (see
+    :func:`~deepdewedge.fit.bank_files.write_filled_bank`).
     """
-    for name in ("fit0", "val0"):
-        crops = getattr(banks, name)
-        if crops is None:
-            continue
-        filled = fill_missing_wedges(
+    on_device = isinstance(banks.fit0, torch.Tensor) and banks.fit0.device == settings.device
+
+    def fill(crops: torch.Tensor) -> torch.Tensor:
+        return fill_missing_wedges(
             model,
-            crops[dist.shard(len(crops))],
+            crops,
             **settings.wedge,
             size_multiple=model.size_multiple,
             batch_size=settings.batch_size,
             device=settings.device,
         )
-        setattr(banks, name, dist.all_gather_rows(filled, len(crops)))
+
+    parts = [bank for bank in (banks.fit0, banks.val0) if bank is not None]
+    filled = write_filled_bank(path, parts, fill, dist, chunk_rows=settings.batch_size)
+    del parts  # the old banks go before the new ones may take their place on the device
+    banks.fit0 = filled[0]
+    banks.val0 = filled[1] if banks.val0 is not None else None
+    if on_device and settings.device.type != "cpu":
+        banks.fit0 = banks.fit0.to(settings.device)
+        banks.val0 = None if banks.val0 is None else banks.val0.to(settings.device)
 
 
 class _CompiledModel(nn.Module):
@@ -171,11 +180,13 @@ def fit(
     model
         The network, initialised identically in every process.
     banks
-        Fitting and validation crops; every process holds all of them.
+        Fitting and validation crops, in memory or mapped from their files (see
+        :class:`~deepdewedge.fit.bank_files.MappedBank`); every process reads all of them.
     settings
         Options of the fit; ``settings.device`` is this process's device.
     checkpoint_dir
-        Folder of the checkpoints and input-bank states (written by rank 0 only).
+        Folder of the checkpoints and input-bank files (written by rank 0 only; every
+        process reads the input-bank files, so all must see the folder).
     resume_from
         Checkpoint to continue from; every process loads it.
     extra_state
@@ -239,13 +250,12 @@ def fit(
         check_same_banks(state, extra_state or {}, resume_from)
         bank_file = state["bank_file"]
         if bank_file is not None:
-            if not (checkpoint_dir / bank_file).exists():
-                raise InputError(
-                    f"{resume_from}: its input-bank state {bank_file} was replaced by a later "
-                    "missing-wedge update; resume from latest.ckpt"
-                )
-            bank = load_checkpoint(checkpoint_dir / bank_file)
-            banks.fit0, banks.val0 = bank["fit0"], bank["val0"]
+            banks.fit0, banks.val0 = load_input_bank(
+                checkpoint_dir / bank_file,
+                n_fit=len(banks.fit1),
+                n_val=0 if banks.val1 is None else len(banks.val1),
+                checkpoint=resume_from,
+            )
         writer.restore(state)
         if dist.is_main:
             log.info("resumed from %s at epoch %d", resume_from, start_epoch)
@@ -276,10 +286,8 @@ def fit(
             and epoch > 0
             and epoch % settings.update_every == 0
         ):
-            _update_input_banks(model, banks, settings, dist)
             bank_file = writer.bank_name(epoch)
-            if dist.is_main:
-                writer.save_bank(epoch, banks)
+            _update_input_banks(model, banks, settings, dist, checkpoint_dir / bank_file)
             # Filled wedges carry signal: the inputs' statistics change with the bank.
             model.set_normalization(*model_input_statistics(banks, settings, mw_mask, dist))
         order = torch.randperm(n_fit, generator=generator).to(banks.fit0.device)
@@ -356,12 +364,15 @@ def fit(
 
 
 def _place_banks(banks: Banks, device: torch.device) -> None:
-    """Keep the banks resident on the GPU when they take under a third of its free memory."""
+    """Keep the banks resident on the GPU when they take under a third of its free memory.
+
+    Larger banks stay where they are: in host memory, or mapped from their files.
+    """
     if device.type != "cuda":
         return
     tensors = [t for t in (banks.fit0, banks.fit1, banks.val0, banks.val1) if t is not None]
     free, _ = torch.cuda.mem_get_info(device)
-    if sum(t.numel() * t.element_size() for t in tensors) < free / 3:
+    if sum(math.prod(t.shape) * 4 for t in tensors) < free / 3:  # float32
         for name in ("fit0", "fit1", "val0", "val1"):
             tensor = getattr(banks, name)
             if tensor is not None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from deepdewedge.fit.bank_files import Bank
 from deepdewedge.fit.batch import make_batch
 from deepdewedge.fit.distributed import DistContext
 from deepdewedge.fit.loss import loss_weights, masked_fourier_loss
@@ -62,12 +63,16 @@ class FitSettings:
 
 @dataclass
 class Banks:
-    """Rotation-ready crops `(n, S, S, S)`: tomo0 (model input) and tomo1 (target) halves."""
+    """Rotation-ready crops `(n, S, S, S)`: tomo0 (model input) and tomo1 (target) halves.
 
-    fit0: torch.Tensor
-    fit1: torch.Tensor
-    val0: torch.Tensor | None = None
-    val1: torch.Tensor | None = None
+    Each bank is a tensor (in host or device memory) or a
+    :class:`~deepdewedge.fit.bank_files.MappedBank` of a file, whose rows are read per batch.
+    """
+
+    fit0: Bank
+    fit1: Bank
+    val0: Bank | None = None
+    val1: Bank | None = None
 
 
 def _autocast(settings: FitSettings):
@@ -77,14 +82,12 @@ def _autocast(settings: FitSettings):
     return torch.autocast(settings.device.type, enabled=False)
 
 
-def rows_on_device(
-    bank: torch.Tensor, index: torch.Tensor | slice, device: torch.device
-) -> torch.Tensor:
+def rows_on_device(bank: Bank, index: torch.Tensor | slice, device: torch.device) -> torch.Tensor:
     """`(k, S, S, S)` rows of a bank on `device`.
 
     A bank resident on `device` is indexed in place (`index` on that device). From host
-    memory, the rows are gathered into page-locked memory and copied without waiting, so the
-    copy overlaps the GPU's work.
+    memory or a mapped file (whose pages are released again once read), the rows are gathered
+    into page-locked memory and copied without waiting, so the copy overlaps the GPU's work.
     """
     rows = bank[index]
     if rows.device == device:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from deepdewedge.config import (
 from deepdewedge.cpu import cpu_micro_batch, set_cpu_threads
 from deepdewedge.evaluate.figures import loss_curve_figure
 from deepdewedge.fit import distributed
+from deepdewedge.fit.checkpoints import check_compatible
 from deepdewedge.fit.distributed import DistContext
 from deepdewedge.fit.loop import Callbacks, FitSettings, fit
 from deepdewedge.io.checkpoint import load_checkpoint
@@ -101,6 +103,12 @@ def _fit_model(
         )
     torch.manual_seed(config.seed)
     model = build_model(unet_params)
+    init_from = None
+    if resume_from is None and config.init_from is not None:
+        init_from = str(config.init_from)
+        _load_weights(model, Path(config.init_from))
+    elif config.init_from is not None and dist.is_main:
+        log.info("resuming %s: init_from %s is not used", resume_from, config.init_from)
     precision = resolve_precision(config.precision, device)
     micro_batch = config.micro_batch_size
     if device.type == "cpu":
@@ -145,8 +153,11 @@ def _fit_model(
         "subtomo_size": subtomo_size,
         "mw_angle": mw_angle,
         "tilt_range_deg": list(tilt_range) if tilt_range is not None else None,
+        "init_from": init_from,
     }
-    check_writable(logs, needed_bytes=2 * banks.fit0.numel() * 4)
+    # Two input-bank files (the kept one and the next) at a missing-wedge update.
+    input_bytes = sum(4 * math.prod(b.shape) for b in (banks.fit0, banks.val0) if b is not None)
+    check_writable(logs, needed_bytes=2 * input_bytes)
     if dist.is_main:
         if resume_from is None and ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)  # --overwrite, checked above; only now that all is valid
@@ -199,6 +210,28 @@ def _fit_model(
         "best_checkpoint": best_checkpoint(ckpt_dir),
         "is_main_process": dist.is_main,
     }
+
+
+def _load_weights(model: DeWedgeModel, path: Path) -> None:
+    """Start `model` from the network weights of the checkpoint `path` (fine-tuning).
+
+    The input normalisation the checkpoint holds is replaced by the fit, which computes it
+    on the new banks.
+    """
+    if not path.exists():
+        raise InputError(
+            f"{path}: no such checkpoint file; check init_from (a .ckpt written by ddw fit-model)"
+        )
+    state = load_checkpoint(path)
+    theirs = state.get("unet_params")
+    check_compatible(
+        state,
+        model,
+        path,
+        fix=f"fit with its unet_params_dict ({theirs}) or leave init_from out",
+    )
+    model.load_state_dict(state["model_state"])
+    log.info("network weights start from %s", path)
 
 
 def _wedge_of_banks(

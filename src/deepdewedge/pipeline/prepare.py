@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 import uuid
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +18,21 @@ from deepdewedge.config import (
     FitModelConfig,
     PrepareDataConfig,
 )
-from deepdewedge.fit.bank import bank_size, extract_crops, select_subtomos
+from deepdewedge.fit.bank import SubtomoSelection, bank_size, extract_crops, select_subtomos
+from deepdewedge.fit.bank_files import BankWriter, MappedBank, new_bank
 from deepdewedge.fit.step import Banks
 from deepdewedge.fourier import tilt_range_from_mw_angle
-from deepdewedge.io.mrc import InputError, read_volume
+from deepdewedge.io.mrc import InputError, map_volume, read_volume
 from deepdewedge.pipeline.common import (
     check_writable,
     mean_std,
-    save_npy,
     write_record,
 )
 
 log = logging.getLogger(__name__)
+
+# Crops cut from a tomogram at a time while its banks are written.
+_CROP_BYTES = 1 << 28
 
 
 def subtomo_dir(config: PrepareDataConfig | FitModelConfig) -> Path:
@@ -36,9 +40,10 @@ def subtomo_dir(config: PrepareDataConfig | FitModelConfig) -> Path:
     return Path(config.subtomo_dir or Path(config.project_dir) / "subtomos")
 
 
-def _read_pair(tomo0_file: Path, tomo1_file: Path) -> tuple[np.ndarray, np.ndarray, float]:
-    tomo0, voxel0 = read_volume(tomo0_file)
-    tomo1, voxel1 = read_volume(tomo1_file)
+def _pair_shape(tomo0_file: Path, tomo1_file: Path) -> tuple[int, int, int]:
+    """Shape `(d, h, w)` of a pair of half tomograms, read from their headers only."""
+    tomo0, voxel0 = map_volume(tomo0_file)
+    tomo1, voxel1 = map_volume(tomo1_file)
     if tomo0.shape != tomo1.shape:
         raise InputError(
             f"{tomo1_file}: shape {tomo1.shape} differs from {tomo0_file} {tomo0.shape}; "
@@ -48,6 +53,14 @@ def _read_pair(tomo0_file: Path, tomo1_file: Path) -> tuple[np.ndarray, np.ndarr
         log.warning(
             "voxel sizes differ: %s %.3f Å, %s %.3f Å", tomo0_file, voxel0, tomo1_file, voxel1
         )
+    d, h, w = tomo0.shape
+    return d, h, w
+
+
+def _read_pair(tomo0_file: Path, tomo1_file: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The half tomograms `(d, h, w)` of a pair, checked for independent noise."""
+    tomo0, _ = read_volume(tomo0_file)
+    tomo1, _ = read_volume(tomo1_file)
     if np.array_equal(tomo0, tomo1):
         raise InputError(
             f"{tomo1_file}: identical to {tomo0_file}, so the halves share their noise; give "
@@ -68,7 +81,7 @@ def _read_pair(tomo0_file: Path, tomo1_file: Path) -> tuple[np.ndarray, np.ndarr
             tomo0_file,
             std,
         )
-    return tomo0, tomo1, voxel0
+    return tomo0, tomo1
 
 
 def _recorded_tilt_range(tomo0_file: Path) -> tuple[float, float] | None:
@@ -80,14 +93,24 @@ def _recorded_tilt_range(tomo0_file: Path) -> tuple[float, float] | None:
     return None if lo is None else (float(lo), float(hi))
 
 
-def bank_wedge(tomo0_files: list[Path], mw_angle: float | None) -> tuple[float, list[float]]:
+def bank_wedge(
+    tomo0_files: list[Path],
+    mw_angle: float | None,
+    tilt_ranges_deg: Sequence[tuple[float, float] | None] | None = None,
+) -> tuple[float, list[float]]:
     """The missing wedge of the banks: opening angle and tilt range ``[lo, hi]`` in degrees.
 
-    A given `mw_angle` is a symmetric wedge (with a warning where a recorded tilt range
-    disagrees); else the tilt ranges recorded by `ddw reconstruct`, where every tomogram has
-    one (their common part: the widest missing wedge), else 60°.
+    A given `mw_angle` is a symmetric wedge (with a warning where a known tilt range
+    disagrees); else the tilt ranges of the tomograms, where every one has one (their common
+    part: the widest missing wedge), else 60°. A tomogram's tilt range is its entry of
+    `tilt_ranges_deg` (e.g. from a dataset's metadata), else the one `ddw reconstruct`
+    recorded beside its tomo0 file.
     """
-    ranges = [_recorded_tilt_range(Path(f)) for f in tomo0_files]
+    given = list(tilt_ranges_deg) if tilt_ranges_deg is not None else [None] * len(tomo0_files)
+    ranges = [
+        tuple(map(float, tilts)) if tilts is not None else _recorded_tilt_range(Path(f))
+        for f, tilts in zip(tomo0_files, given, strict=True)
+    ]
     if mw_angle is not None:
         for file, tilts in zip(tomo0_files, ranges, strict=True):
             if tilts is not None and abs((180.0 - (tilts[1] - tilts[0])) - mw_angle) > 2.0:
@@ -117,10 +140,21 @@ def bank_wedge(tomo0_files: list[Path], mw_angle: float | None) -> tuple[float, 
 def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
     """Step 1 (from tomograms on): sub-tomogram banks for fitting and validation.
 
+    Without ``mw_angle``, the tomograms' tilt ranges (``tilt_ranges_deg``, else those
+    ``ddw reconstruct`` recorded) define the banks' missing wedge (see :func:`bank_wedge`).
+
     Returns
     -------
     dict
         Counts of fitting and validation sub-tomograms and the bank folder.
+
+    Notes
+    -----
+    Memory does not grow with the number of tomograms. The windows of every tomogram are
+    chosen first, from the headers (and masks) alone; then the four bank files are created at
+    their final size under temporary names, each tomogram pair is read in turn, its crops
+    written into them and the pair released; the files take their names when all are
+    complete. Peak memory is one pair of half tomograms and a few hundred MB of crops.
     """
     started = time.perf_counter()
     out_dir = subtomo_dir(config)
@@ -128,33 +162,125 @@ def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
         raise InputError(
             f"{out_dir}: sub-tomograms already prepared; pass --overwrite to replace them"
         )
+    s = config.subtomo_size
+    mw_angle, tilt_range = bank_wedge(
+        list(config.tomo0_files), config.mw_angle, config.tilt_ranges_deg
+    )
+    pairs = list(zip(config.tomo0_files, config.tomo1_files, strict=True))
+    selections = _select_windows(config, pairs)
+    n_fit = sum(int((~sel.is_val).sum()) for sel in selections)
+    n_val = sum(int(sel.is_val.sum()) for sel in selections)
+    if n_fit < 10:
+        log.warning(
+            "only %d fitting sub-tomograms: the network may overfit; use smaller "
+            "subtomo_extraction_strides or more tomograms",
+            n_fit,
+        )
+    big = bank_size(s)
+    check_writable(out_dir.parent, needed_bytes=2 * (n_fit + n_val) * 4 * big**3)
+    if n_fit == 0:
+        raise InputError(
+            f"{config.tomo0_files[0]}: no fitting sub-tomograms left; lower val_fraction, "
+            "subtomo_size or subtomo_extraction_strides"
+        )
+    # Folders this call creates, removed again (when empty) if it fails.
+    folders = (out_dir / "fitting", out_dir / "val", out_dir, *out_dir.parents)
+    created = [folder for folder in folders if not folder.exists()]
+    try:
+        _write_banks(config, out_dir, pairs, selections, n_fit=n_fit, n_val=n_val)
+    except BaseException:
+        for folder in created:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+    records = [
+        {"tomo_index": i, "start_zyx": st, "split": "val" if v else "fitting"}
+        for i, sel in enumerate(selections)
+        for st, v in zip(sel.starts.tolist(), sel.is_val.tolist(), strict=True)
+    ]
+    write_record(
+        out_dir / "metadata.json",
+        config,
+        inputs=[*config.tomo0_files, *config.tomo1_files, *(config.mask_files or [])],
+        started=started,
+        bank_id=uuid.uuid4().hex,
+        subtomo_size=s,
+        bank_size=big,
+        mw_angle=mw_angle,
+        tilt_range_deg=tilt_range,
+        tomo0_files=[str(f) for f in config.tomo0_files],
+        tomo1_files=[str(f) for f in config.tomo1_files],
+        subtomos=records,
+    )
+    return {"n_fitting": n_fit, "n_val": n_val, "dir": out_dir}
+
+
+def _write_banks(
+    config: PrepareDataConfig,
+    out_dir: Path,
+    pairs: list[tuple[Path, Path]],
+    selections: list[SubtomoSelection],
+    *,
+    n_fit: int,
+    n_val: int,
+) -> None:
+    """Write the four bank files, one tomogram pair at a time; rename them when complete."""
+    s = config.subtomo_size
+    big = bank_size(s)
+    rows = {"fitting": n_fit, "val": n_val}
+    with ExitStack() as files:
+        writers = {
+            (split, half): files.enter_context(
+                new_bank(out_dir / split / f"subtomo{half}.npy", (rows[split], big, big, big))
+            )
+            for split in ("fitting", "val")
+            for half in ("0", "1")
+        }
+        written = {"fitting": 0, "val": 0}
+        for (f0, f1), sel in zip(pairs, selections, strict=True):
+            tomo0, tomo1 = _read_pair(f0, f1)
+            for half, tomo in (("0", tomo0), ("1", tomo1)):
+                if config.standardize_full_tomos:
+                    mean, std = mean_std(tomo)
+                    tomo -= mean
+                    tomo /= std if std > 0 else 1.0
+                windows = {"fitting": sel.starts[~sel.is_val], "val": sel.starts[sel.is_val]}
+                for split, starts in windows.items():
+                    _write_crops(writers[split, half], written[split], tomo, starts, s)
+            del tomo0, tomo1, tomo
+            written["fitting"] += int((~sel.is_val).sum())
+            written["val"] += int(sel.is_val.sum())
+        # Old banks (--overwrite) lose their record before the new files replace them.
+        (out_dir / "metadata.json").unlink(missing_ok=True)
+
+
+def _select_windows(
+    config: PrepareDataConfig, pairs: list[tuple[Path, Path]]
+) -> list[SubtomoSelection]:
+    """The fitting and validation windows of every tomogram pair, from headers and masks.
+
+    One seeded generator draws the validation clusters of the tomograms in turn.
+    """
     generator = torch.Generator().manual_seed(config.seed)
     s = config.subtomo_size
-    mw_angle, tilt_range = bank_wedge(list(config.tomo0_files), config.mw_angle)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("fit0", "fit1", "val0", "val1")}
-    records = []
-    for i, (f0, f1) in enumerate(zip(config.tomo0_files, config.tomo1_files, strict=True)):
-        tomo0, tomo1, voxel_size = _read_pair(f0, f1)
-        if min(tomo0.shape) < s:
+    selections = []
+    for i, (f0, f1) in enumerate(pairs):
+        shape = _pair_shape(f0, f1)
+        if min(shape) < s:
             raise InputError(
-                f"{f0}: tomogram {tomo0.shape} is smaller than subtomo_size {s}; "
-                f"choose subtomo_size <= {min(tomo0.shape)}"
+                f"{f0}: tomogram {shape} is smaller than subtomo_size {s}; "
+                f"choose subtomo_size <= {min(shape)}"
             )
         mask = None
         if config.mask_files is not None:
             mask, _ = read_volume(config.mask_files[i])
-            if mask.shape != tomo0.shape:
+            if mask.shape != shape:
                 raise InputError(
                     f"{config.mask_files[i]}: mask shape {mask.shape} differs from tomogram "
-                    f"{tomo0.shape}; make the mask from this tomogram"
+                    f"{shape}; make the mask from this tomogram"
                 )
-        if config.standardize_full_tomos:
-            for tomo in (tomo0, tomo1):
-                mean, std = mean_std(tomo)
-                tomo -= mean
-                tomo /= std if std > 0 else 1.0
         sel = select_subtomos(
-            tomo0.shape,
+            shape,
             subtomo_size=s,
             strides_zyx=config.strides,
             mask=mask,
@@ -168,59 +294,32 @@ def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
                 f"{config.min_nonzero_mask_fraction_in_subtomo:.0%} of mask; lower "
                 "min_nonzero_mask_fraction_in_subtomo or check the mask"
             )
-        for name, tomo in (("0", tomo0), ("1", tomo1)):
-            crops = extract_crops(tomo, sel.starts, subtomo_size=s)
-            parts["fit" + name].append(crops[~sel.is_val])
-            parts["val" + name].append(crops[sel.is_val])
-        records += [
-            {"tomo_index": i, "start_zyx": st, "split": "val" if v else "fitting"}
-            for st, v in zip(sel.starts.tolist(), sel.is_val.tolist(), strict=True)
-        ]
         log.info(
             "%s: %d fitting, %d validation sub-tomograms",
             f0,
             int((~sel.is_val).sum()),
             int(sel.is_val.sum()),
         )
-    banks = {k: torch.cat(v).numpy() for k, v in parts.items()}
-    if len(banks["fit0"]) < 10:
-        log.warning(
-            "only %d fitting sub-tomograms: the network may overfit; use smaller "
-            "subtomo_extraction_strides or more tomograms",
-            len(banks["fit0"]),
-        )
-    check_writable(out_dir.parent, needed_bytes=sum(b.nbytes for b in banks.values()))
-    if len(banks["fit0"]) == 0:
-        raise InputError(
-            f"{config.tomo0_files[0]}: no fitting sub-tomograms left; lower val_fraction, "
-            "subtomo_size or subtomo_extraction_strides"
-        )
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    for split, key in (("fitting", "fit"), ("val", "val")):
-        for half in ("0", "1"):
-            save_npy(out_dir / split / f"subtomo{half}.npy", banks[key + half])
-    write_record(
-        out_dir / "metadata.json",
-        config,
-        inputs=[*config.tomo0_files, *config.tomo1_files, *(config.mask_files or [])],
-        started=started,
-        bank_id=uuid.uuid4().hex,
-        subtomo_size=s,
-        bank_size=bank_size(s),
-        mw_angle=mw_angle,
-        tilt_range_deg=tilt_range,
-        tomo0_files=[str(f) for f in config.tomo0_files],
-        tomo1_files=[str(f) for f in config.tomo1_files],
-        subtomos=records,
-    )
-    return {"n_fitting": len(banks["fit0"]), "n_val": len(banks["val0"]), "dir": out_dir}
+        selections.append(sel)
+    return selections
+
+
+def _write_crops(
+    writer: BankWriter, row: int, tomo: np.ndarray, starts: torch.Tensor, subtomo_size: int
+) -> None:
+    """Write the crops around the windows `starts` `(n, 3)` of `tomo` from bank row `row` on."""
+    per_piece = max(1, _CROP_BYTES // (4 * bank_size(subtomo_size) ** 3))
+    for lo in range(0, len(starts), per_piece):
+        crops = extract_crops(tomo, starts[lo : lo + per_piece], subtomo_size=subtomo_size)
+        writer.write(row + lo, crops)
 
 
 def load_banks(root: Path, *, subtomo_size: int | None) -> tuple[Banks, dict[str, Any]]:
-    """Load the banks written by :func:`prepare_data` from `root` and their metadata.
+    """Map the banks written by :func:`prepare_data` from `root`, and read their metadata.
 
-    A given `subtomo_size` must match the one the banks were prepared with.
+    The banks are memory-mapped read-only (:class:`~deepdewedge.fit.bank_files.MappedBank`):
+    the fit reads the rows of each batch from the files, so memory does not grow with the
+    size of the banks. A given `subtomo_size` must match the one the banks were prepared with.
     """
     meta_file = root / "metadata.json"
     if not meta_file.exists():
@@ -232,9 +331,9 @@ def load_banks(root: Path, *, subtomo_size: int | None) -> tuple[Banks, dict[str
             f", not {subtomo_size}; use the same subtomo_size or prepare again"
         )
 
-    def load(split: str, half: str) -> torch.Tensor | None:
-        array = np.load(root / split / f"subtomo{half}.npy")
-        return torch.from_numpy(array) if len(array) else None
+    def load(split: str, half: str) -> MappedBank | None:
+        bank = MappedBank(root / split / f"subtomo{half}.npy")
+        return bank if len(bank) else None
 
     fit0, fit1 = load("fitting", "0"), load("fitting", "1")
     assert fit0 is not None and fit1 is not None
