@@ -489,6 +489,7 @@ def fit_model_cmd(
     gpu: Annotated[list[int] | None, _fit_opt("gpu")] = None,
     seed: Annotated[int | None, _fit_opt("seed")] = None,
     resume: Annotated[bool | None, _fit_opt("resume")] = None,
+    init_from: Annotated[Path | None, _fit_opt("init_from")] = None,
     overwrite: Annotated[bool | None, _fit_opt("overwrite")] = None,
 ) -> None:
     """Fit the U-Net with the masked Fourier loss on randomly rotated sub-tomogram pairs."""
