@@ -50,7 +50,9 @@ def frequency_grid(
     return torch.stack(torch.meshgrid(kz, ky, kx, indexing="ij"), dim=-1)
 
 
-def wedge_test(kzyx: torch.Tensor, *, tilt_range_deg: tuple[float, float]) -> torch.Tensor:
+def wedge_test(
+    kzyx: torch.Tensor, *, tilt_range_deg: tuple[float, float] | torch.Tensor
+) -> torch.Tensor:
     """Which frequencies a single-axis tilt series over `tilt_range_deg` measured.
 
     Parameters
@@ -58,12 +60,15 @@ def wedge_test(kzyx: torch.Tensor, *, tilt_range_deg: tuple[float, float]) -> to
     kzyx
         `(..., 3)` frequency coordinates `(kz, ky, kx)`.
     tilt_range_deg
-        `(tilt_min, tilt_max)` in degrees, `-90 <= tilt_min <= tilt_max <= 90`.
+        `(tilt_min, tilt_max)` in degrees, `-90 <= tilt_min <= tilt_max <= 90`; or a `(b, 2)`
+        tensor of one range per volume of a batch, for coordinates `(d, h, w, 3)` shared by
+        the batch or `(b, d, h, w, 3)` of each volume.
 
     Returns
     -------
     torch.Tensor
-        `(...)` float mask: 1 where measured, 0 inside the missing wedge.
+        `(...)` float mask (`(b, d, h, w)` for a batch of ranges): 1 where measured, 0 inside
+        the missing wedge.
 
     Notes
     -----
@@ -74,16 +79,31 @@ def wedge_test(kzyx: torch.Tensor, *, tilt_range_deg: tuple[float, float]) -> to
     boundary is exact: for ``kx >= 0`` (after folding ``k -> -k``), ``ψ <= β`` iff
     ``kz cos β <= kx sin β``.
     """
-    lo, hi = (math.radians(a) for a in tilt_range_deg)
-    if not -math.pi / 2 <= lo <= hi <= math.pi / 2:
-        raise ValueError(f"tilt range must satisfy -90 <= min <= max <= 90, got {tilt_range_deg}")
+    if isinstance(tilt_range_deg, torch.Tensor):
+        ranges = tilt_range_deg.to(torch.float64)
+        if ranges.dim() != 2 or ranges.shape[1] != 2:
+            raise ValueError(f"a batch of tilt ranges must be (b, 2), got {tuple(ranges.shape)}")
+        if not bool(((-90 <= ranges[:, 0]) & (ranges[:, 0] <= ranges[:, 1])).all()) or bool(
+            (ranges[:, 1] > 90).any()
+        ):
+            raise ValueError("tilt ranges must satisfy -90 <= min <= max <= 90")
+        radians = torch.deg2rad(ranges).to(kzyx.device).view(-1, 2, 1, 1, 1)
+        lo, hi = radians[:, 0].to(kzyx.dtype), radians[:, 1].to(kzyx.dtype)
+        cos_lo, sin_lo, cos_hi, sin_hi = lo.cos(), lo.sin(), hi.cos(), hi.sin()
+    else:
+        lo, hi = (math.radians(a) for a in tilt_range_deg)
+        if not -math.pi / 2 <= lo <= hi <= math.pi / 2:
+            raise ValueError(
+                f"tilt range must satisfy -90 <= min <= max <= 90, got {tilt_range_deg}"
+            )
+        cos_lo, sin_lo, cos_hi, sin_hi = math.cos(lo), math.sin(lo), math.cos(hi), math.sin(hi)
     kz, kx = kzyx[..., 0], kzyx[..., 2]
     # Fold onto the half-plane kx >= 0; the mask of a real volume is point symmetric.
     flip = (kx < 0) | ((kx == 0) & (kz < 0))
     kz = torch.where(flip, -kz, kz)
     kx = torch.where(flip, -kx, kx)
-    below_hi = kz * math.cos(hi) <= kx * math.sin(hi) + 1e-12
-    above_lo = kz * math.cos(lo) >= kx * math.sin(lo) - 1e-12
+    below_hi = kz * cos_hi <= kx * sin_hi + 1e-12
+    above_lo = kz * cos_lo >= kx * sin_lo - 1e-12
     # On the kz axis (kx == 0, kz > 0) ψ = 90°, kept only if the range reaches ±90°.
     return (below_hi & above_lo).to(kzyx.dtype)
 
@@ -92,18 +112,20 @@ def missing_wedge_mask(
     shape_zyx: tuple[int, int, int],
     *,
     mw_angle_deg: float | None = None,
-    tilt_range_deg: tuple[float, float] | None = None,
+    tilt_range_deg: tuple[float, float] | torch.Tensor | None = None,
     rfft: bool = True,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Binary missing-wedge mask M of a volume of shape `shape_zyx`, unshifted.
 
-    Give either `mw_angle_deg` (symmetric range) or `tilt_range_deg` (possibly asymmetric).
+    Give either `mw_angle_deg` (symmetric range) or `tilt_range_deg` (possibly asymmetric),
+    or a `(b, 2)` tensor of tilt ranges for a batch of masks, one per volume.
 
     Returns
     -------
     torch.Tensor
-        `(d, h, w')` float32, 1 where measured; `w' = w // 2 + 1` if `rfft`.
+        `(d, h, w')` float32, 1 where measured, or `(b, d, h, w')` for a batch of ranges;
+        `w' = w // 2 + 1` if `rfft`.
     """
     tilt_range = _resolve_range(mw_angle_deg, tilt_range_deg)
     return wedge_test(
@@ -116,7 +138,7 @@ def rotated_missing_wedge_mask(
     rotmats: torch.Tensor,
     *,
     mw_angle_deg: float | None = None,
-    tilt_range_deg: tuple[float, float] | None = None,
+    tilt_range_deg: tuple[float, float] | torch.Tensor | None = None,
     rfft: bool = True,
 ) -> torch.Tensor:
     """Missing-wedge masks M_φ of volumes rotated by `rotmats`, computed exactly.
@@ -128,7 +150,8 @@ def rotated_missing_wedge_mask(
     rotmats
         `(b, 3, 3)` rotations acting on zyx vectors (``v_R(p) = v(Rᵀ p)``).
     mw_angle_deg, tilt_range_deg
-        The wedge before rotation, as in :func:`missing_wedge_mask`.
+        The wedge before rotation, as in :func:`missing_wedge_mask`; a `(b, 2)` tensor of
+        tilt ranges gives each volume its own.
     rfft
         If True, only the `w // 2 + 1` non-negative kx frequencies.
 
@@ -172,10 +195,12 @@ def apply_fourier_mask(volumes: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 
 def _resolve_range(
-    mw_angle_deg: float | None, tilt_range_deg: tuple[float, float] | None
-) -> tuple[float, float]:
+    mw_angle_deg: float | None, tilt_range_deg: tuple[float, float] | torch.Tensor | None
+) -> tuple[float, float] | torch.Tensor:
     if (mw_angle_deg is None) == (tilt_range_deg is None):
         raise ValueError("give exactly one of mw_angle_deg and tilt_range_deg")
+    if isinstance(tilt_range_deg, torch.Tensor):
+        return tilt_range_deg
     if tilt_range_deg is not None:
         return (float(tilt_range_deg[0]), float(tilt_range_deg[1]))
     return tilt_range_from_mw_angle(float(mw_angle_deg))

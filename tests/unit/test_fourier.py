@@ -119,3 +119,25 @@ def test_resolve_range_errors():
         missing_wedge_mask((4, 4, 4))
     with pytest.raises(ValueError, match="mw_angle"):
         missing_wedge_mask((4, 4, 4), mw_angle_deg=190)
+
+
+def test_a_batch_of_tilt_ranges_gives_each_volume_its_own_mask():
+    from deepdewedge.fourier import missing_wedge_mask, rotated_missing_wedge_mask
+    from deepdewedge.rotation import sample_rotations
+
+    shape = (12, 10, 14)
+    ranges = [(-60.0, 60.0), (-50.0, 65.0), (-30.5, 20.0)]
+    batch = missing_wedge_mask(shape, tilt_range_deg=torch.tensor(ranges))
+    single = torch.stack([missing_wedge_mask(shape, tilt_range_deg=r) for r in ranges])
+    assert batch.shape == (3, 12, 10, 8) and torch.equal(batch, single)
+    rotmats = sample_rotations(3, generator=torch.Generator().manual_seed(0))
+    batch = rotated_missing_wedge_mask(shape, rotmats, tilt_range_deg=torch.tensor(ranges))
+    single = torch.cat(
+        [
+            rotated_missing_wedge_mask(shape, rotmats[i : i + 1], tilt_range_deg=r)
+            for i, r in enumerate(ranges)
+        ]
+    )
+    assert torch.equal(batch, single)
+    with pytest.raises(ValueError, match="-90 <= min <= max <= 90"):
+        missing_wedge_mask(shape, tilt_range_deg=torch.tensor([[10.0, -10.0]]))
