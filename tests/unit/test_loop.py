@@ -3,13 +3,28 @@
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from deepdewedge.fit import loop
 from deepdewedge.fit import step as fit_step
+from deepdewedge.fit.bank_files import BankFile, new_bank
 from deepdewedge.fit.loop import Banks, Callbacks, FitSettings, fit
+from deepdewedge.io.checkpoint import load_checkpoint, save_checkpoint
 from deepdewedge.model.unet import DeWedgeModel
+
+SETTINGS = {
+    "subtomo_size": 8,
+    "mw_angle": 60.0,
+    "num_epochs": 3,
+    "batch_size": 3,
+    "adam_params": {"lr": 1e-3},
+    "seed": 3,
+    "update_every": 2,
+    "check_val_every": 1,
+    "interpolation": "linear",
+}
 
 
 def _banks(n_fit=7, n_val=2):
@@ -20,18 +35,7 @@ def _banks(n_fit=7, n_val=2):
 
 
 def _fit(tmp_path, banks=None, callbacks=None, **options):
-    settings = {
-        "subtomo_size": 8,
-        "mw_angle": 60.0,
-        "num_epochs": 3,
-        "batch_size": 3,
-        "adam_params": {"lr": 1e-3},
-        "seed": 3,
-        "update_every": 2,
-        "check_val_every": 1,
-        "interpolation": "linear",
-        **options,
-    }
+    settings = {**SETTINGS, **options}
     torch.manual_seed(1)
     model = DeWedgeModel(chans=4, num_downsample_layers=1)
     directory = tmp_path / f"ckpt{len(list(tmp_path.iterdir()))}"
@@ -184,3 +188,44 @@ def test_micro_batches_fit_like_the_whole_batch(tmp_path, micro):
     with torch.no_grad():
         ours, theirs = model.eval()(x), reference.eval()(x)
     assert float((ours - theirs).norm() / theirs.norm()) < 1e-4
+
+
+def _in_files(banks, folder):
+    folder.mkdir()
+    names = ("fit0", "fit1", "val0", "val1")
+    for name in names:
+        rows = getattr(banks, name)
+        with new_bank(folder / f"{name}.npy", tuple(rows.shape)) as writer:
+            writer.write(0, rows)
+    return Banks(**{name: BankFile(folder / f"{name}.npy") for name in names})
+
+
+def test_banks_in_files_fit_like_banks_in_memory_and_stay_unwritten(tmp_path):
+    files = _in_files(_banks(), tmp_path / "banks")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "banks").iterdir()}
+    expected, _, _ = _fit(tmp_path, _banks(), num_epochs=4)
+    history, _, directory = _fit(tmp_path, files, num_epochs=4)
+    assert history == expected
+    assert {p.name: p.read_bytes() for p in (tmp_path / "banks").iterdir()} == before
+    # After the update of epoch 2 the model input comes from the checkpoint folder's file.
+    assert isinstance(files.fit0, BankFile) and files.fit0.path == files.val0.path
+    assert files.fit0.path == directory / "input_bank_e00002.npy"
+    assert [p.name for p in directory.glob("input_bank_*")] == ["input_bank_e00002.npy"]
+
+
+def test_resume_from_an_input_bank_state_of_earlier_versions(tmp_path):
+    """Checkpoints whose input bank is a ``.pt`` file, as earlier versions wrote, resume."""
+    expected, _, _ = _fit(tmp_path, num_epochs=4)
+    _, _, directory = _fit(tmp_path, num_epochs=3)  # updated at epoch 2
+    rows = torch.from_numpy(np.load(directory / "input_bank_e00002.npy"))
+    save_checkpoint(directory / "input_bank_e00002.pt", {"fit0": rows[:7], "val0": rows[7:]})
+    (directory / "input_bank_e00002.npy").unlink()
+    state = load_checkpoint(directory / "latest.ckpt")
+    save_checkpoint(directory / "latest.ckpt", {**state, "bank_file": "input_bank_e00002.pt"})
+    torch.manual_seed(1)
+    model = DeWedgeModel(chans=4, num_downsample_layers=1)
+    settings = FitSettings(**{**SETTINGS, "num_epochs": 4})
+    history = fit(
+        model, _banks(), settings, checkpoint_dir=directory, resume_from=directory / "latest.ckpt"
+    )
+    assert history == expected

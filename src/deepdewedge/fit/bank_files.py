@@ -1,13 +1,14 @@
-"""Sub-tomogram banks on disk: ``.npy`` files written in pieces, read through memory maps.
+"""Sub-tomogram banks on disk: ``.npy`` files written and read a few rows at a time.
 
 A bank of a dataset can be larger than the memory. Its file is therefore written a piece at
-a time (:func:`new_bank`) and read through a read-only memory map (:class:`MappedBank`) whose
-pages are released as soon as a batch has been copied out, so that neither preparing nor
-fitting holds more than a few batches of it, however many tomograms it comes from.
+a time (:func:`new_bank`) and read a batch of rows at a time (:class:`BankFile`), so that
+neither preparing nor fitting holds more than a few batches of it, however many tomograms it
+comes from.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -21,22 +22,23 @@ from deepdewedge.fit.distributed import DistContext
 from deepdewedge.io.atomic import atomic_write, remove_stale_temporaries
 from deepdewedge.io.checkpoint import load_checkpoint
 from deepdewedge.io.errors import InputError
-from deepdewedge.io.mrc import release_planes
 
-__all__ = ["Bank", "BankWriter", "MappedBank", "load_input_bank", "new_bank", "write_filled_bank"]
+__all__ = ["Bank", "BankWriter", "BankFile", "load_input_bank", "new_bank", "write_filled_bank"]
 
-# Rows copied at a time when a mapped bank is moved whole to a device.
+# Bytes read at a time when a bank file is moved whole to a device.
 _CHUNK_BYTES = 1 << 26
 
 
-class MappedBank:
-    """Rows ``start:stop`` of an ``.npy`` bank `(n, S, S, S)` of float32, mapped read-only.
+class BankFile:
+    """Rows ``start:stop`` of an ``.npy`` bank `(n, S, S, S)` of float32, read from the file.
 
     It stands in for a `(stop - start, S, S, S)` tensor in host memory where the fitting
     reads banks: ``len``, ``shape``, ``device``, ``nbytes``, indexing with a slice or an index
-    tensor, and ``to(device)``. Indexing copies the rows out of the file into a new tensor
-    and then releases the pages it read from the process's resident memory, so a pass over a
-    bank of any size keeps only the rows of one batch resident. The file is never written.
+    tensor, and ``to(device)``. Indexing reads just those rows from the file into a new
+    tensor, with plain reads (runs of consecutive rows in one read), so a pass over a bank of
+    any size keeps only the rows of one batch in the process's memory; the rest of the file
+    is at most in the operating system's page cache, which it drops under memory pressure.
+    The file is opened read-only and never written.
 
     Parameters
     ----------
@@ -44,6 +46,12 @@ class MappedBank:
         ``.npy`` file of a C-ordered float32 array `(n, S, S, S)`.
     start, stop
         The rows of the file this bank consists of; default: all of them.
+
+    Notes
+    -----
+    Reading rows through a memory map instead would leave every page touched (and the
+    neighbouring pages the kernel maps on each fault) resident in the process until the map
+    is released; plain reads have no such residue and cost one system call per run of rows.
     """
 
     device = torch.device("cpu")
@@ -51,26 +59,39 @@ class MappedBank:
 
     def __init__(self, path: str | os.PathLike, start: int = 0, stop: int | None = None) -> None:
         self.path = Path(path)
+        fix = "prepare the sub-tomograms again (ddw prepare-data --overwrite)"
         try:
-            array = np.load(self.path, mmap_mode="r")
+            with open(self.path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, fortran_order, dtype = read_header(handle)
+                self._offset = handle.tell()
         except (OSError, ValueError) as err:
             raise InputError(
-                f"{self.path}: unreadable sub-tomogram bank ({type(err).__name__}); prepare the "
-                "sub-tomograms again (ddw prepare-data --overwrite)"
+                f"{self.path}: unreadable sub-tomogram bank ({type(err).__name__}); {fix}"
             ) from None
-        if array.dtype != np.float32 or array.ndim != 4 or not array.flags.c_contiguous:
+        if dtype != np.float32 or len(shape) != 4 or fortran_order:
             raise InputError(
-                f"{self.path}: holds {array.dtype} {array.shape}, not float32 crops (n, S, S, S); "
-                "prepare the sub-tomograms again (ddw prepare-data --overwrite)"
+                f"{self.path}: holds {dtype} {shape}, not float32 crops (n, S, S, S); {fix}"
             )
-        self._array = array
+        self._rows, self._row_shape = int(shape[0]), tuple(int(n) for n in shape[1:])
+        size = self._offset + self._rows * self._row_bytes
+        if self.path.stat().st_size < size:
+            raise InputError(
+                f"{self.path}: truncated, {self.path.stat().st_size} of {size} bytes; {fix}"
+            )
+        self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (lives with the bank)
         self.start = start
-        self.stop = len(array) if stop is None else stop
+        self.stop = self._rows if stop is None else stop
 
-    def rows(self, start: int, stop: int) -> MappedBank:
-        """Rows ``start:stop`` of this bank, as a bank over the same map."""
-        view = object.__new__(MappedBank)
-        view.path, view._array = self.path, self._array
+    def rows(self, start: int, stop: int) -> BankFile:
+        """Rows ``start:stop`` of this bank, as a bank over the same open file."""
+        view = object.__new__(BankFile)
+        view.__dict__.update(self.__dict__)
         view.start, view.stop = self.start + start, self.start + stop
         return view
 
@@ -80,54 +101,69 @@ class MappedBank:
     @property
     def shape(self) -> torch.Size:
         """`(n, S, S, S)` of the rows."""
-        return torch.Size((len(self), *self._array.shape[1:]))
+        return torch.Size((len(self), *self._row_shape))
+
+    @property
+    def _row_bytes(self) -> int:
+        return 4 * math.prod(self._row_shape)
 
     @property
     def nbytes(self) -> int:
         """Size of the rows in bytes."""
-        return len(self) * self._array.itemsize * int(np.prod(self._array.shape[1:]))
+        return len(self) * self._row_bytes
 
     def __getitem__(self, index: slice | torch.Tensor | np.ndarray) -> torch.Tensor:
-        """`(k, S, S, S)` copy of the rows `index` (a slice with step 1, or row numbers)."""
+        """`(k, S, S, S)` rows `index` (a slice with step 1, or row numbers), read anew."""
         if isinstance(index, slice):
             lo, hi, step = index.indices(len(self))
             if step != 1:
-                raise ValueError("mapped banks are sliced with step 1")
-            lo, hi = self.start + lo, self.start + max(lo, hi)
-            rows = np.array(self._array[lo:hi])
-            release_planes(self._array, lo, hi)
-            return torch.from_numpy(rows)
-        wanted = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, np.int64)
-        if wanted.size and (wanted.min() < 0 or wanted.max() >= len(self)):
-            raise IndexError(f"rows {wanted.min()}..{wanted.max()} of a bank of {len(self)}")
-        wanted = wanted + self.start
-        rows = np.take(self._array, wanted, axis=0).view(np.ndarray)
-        for lo, hi in _runs(wanted):
-            release_planes(self._array, lo, hi)
-        return torch.from_numpy(rows)
+                raise ValueError("banks read from files are sliced with step 1")
+            wanted = np.arange(lo, max(lo, hi))
+        else:
+            wanted = np.asarray(
+                index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64
+            ).reshape(-1)
+            if wanted.size and (wanted.min() < 0 or wanted.max() >= len(self)):
+                raise IndexError(f"rows {wanted.min()}..{wanted.max()} of a bank of {len(self)}")
+        out = np.empty((len(wanted), *self._row_shape), dtype=np.float32)
+        buffer = memoryview(out.reshape(-1).view(np.uint8))
+        # Runs of consecutive rows, in the order asked for, each in one read.
+        breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+        for first, last in zip(
+            np.concatenate([[0], breaks]), np.concatenate([breaks, [len(wanted)]]), strict=True
+        ):
+            if last > first:
+                self._read(
+                    self.start + int(wanted[first]),
+                    buffer[first * self._row_bytes : last * self._row_bytes],
+                )
+        return torch.from_numpy(out)
+
+    def _read(self, row: int, target: memoryview) -> None:
+        """Fill `target` with the bytes of the file from row `row` on."""
+        self._file.seek(self._offset + row * self._row_bytes)
+        done = 0
+        while done < len(target):
+            n = self._file.readinto(target[done:])
+            if not n:
+                raise InputError(
+                    f"{self.path}: file ends early (truncated); prepare the sub-tomograms again "
+                    "(ddw prepare-data --overwrite)"
+                )
+            done += n
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
-        """The rows as one tensor on `device`, copied a few tens of MB at a time."""
+        """The rows as one tensor on `device`, read a few tens of MB at a time."""
         out = torch.empty(tuple(self.shape), dtype=self.dtype, device=device)
-        per_chunk = max(1, _CHUNK_BYTES // max(1, self.nbytes // max(1, len(self))))
+        per_chunk = max(1, _CHUNK_BYTES // self._row_bytes)
         for lo in range(0, len(self), per_chunk):
             hi = min(len(self), lo + per_chunk)
             out[lo:hi].copy_(self[lo:hi], non_blocking=non_blocking)
         return out
 
 
-# A bank as the fitting reads it: a tensor (in host or device memory) or a mapped file.
-Bank = torch.Tensor | MappedBank
-
-
-def _runs(rows: np.ndarray) -> Iterator[tuple[int, int]]:
-    """`[lo, hi)` ranges of consecutive numbers that cover the row numbers `rows`."""
-    rows = np.unique(rows)
-    if not rows.size:
-        return
-    breaks = np.flatnonzero(np.diff(rows) > 1) + 1
-    for run in np.split(rows, breaks):
-        yield int(run[0]), int(run[-1]) + 1
+# A bank as the fitting reads it: a tensor (in host or device memory) or a file.
+Bank = torch.Tensor | BankFile
 
 
 class BankWriter:
@@ -197,7 +233,7 @@ def write_filled_bank(
     dist: DistContext,
     *,
     chunk_rows: int,
-) -> list[MappedBank]:
+) -> list[BankFile]:
     """Write ``fill(rows)`` of the banks `parts`, one after the other, into one new file.
 
     Parameters
@@ -217,8 +253,8 @@ def write_filled_bank(
 
     Returns
     -------
-    list of MappedBank
-        The filled rows of each part, mapped from the new file; in every process. The other
+    list of BankFile
+        The filled rows of each part, read from the new file; in every process. The other
         processes read the file rank 0 wrote, so the checkpoint folder must be on a
         filesystem they all see (as the project folder is).
     """
@@ -247,7 +283,7 @@ def write_filled_bank(
             f"{path}: not visible from process {dist.rank}; put logdir on a filesystem that "
             "every node of the fit shares"
         )
-    bank = MappedBank(path)
+    bank = BankFile(path)
     views, offset = [], 0
     for part in parts:
         views.append(bank.rows(offset, offset + len(part)))
@@ -278,7 +314,7 @@ def load_input_bank(
     if path.suffix == ".pt":
         state = load_checkpoint(path)
         return state["fit0"], state["val0"]
-    bank = MappedBank(path)
+    bank = BankFile(path)
     if len(bank) != n_fit + n_val:
         raise InputError(
             f"{path}: holds {len(bank)} sub-tomograms, not the {n_fit + n_val} prepared ones; "

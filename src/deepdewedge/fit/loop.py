@@ -72,7 +72,7 @@ def _update_input_banks(
     """Fill the missing wedges of the model-input banks; the targets stay measured data.
 
     The filled crops go into the new bank file `path` (fitting rows, then validation rows),
-    which the fit then reads through a memory map, or from the device where the old input
+    which the fit then reads a batch at a time, or from the device where the old input
     bank was resident. Each process fills its share (see
     :func:`~deepdewedge.fit.bank_files.write_filled_bank`).
     """
@@ -180,8 +180,8 @@ def fit(
     model
         The network, initialised identically in every process.
     banks
-        Fitting and validation crops, in memory or mapped from their files (see
-        :class:`~deepdewedge.fit.bank_files.MappedBank`); every process reads all of them.
+        Fitting and validation crops, in memory or read from their files (see
+        :class:`~deepdewedge.fit.bank_files.BankFile`); every process reads all of them.
     settings
         Options of the fit; ``settings.device`` is this process's device.
     checkpoint_dir
@@ -366,7 +366,7 @@ def fit(
 def _place_banks(banks: Banks, device: torch.device) -> None:
     """Keep the banks resident on the GPU when they take under a third of its free memory.
 
-    Larger banks stay where they are: in host memory, or mapped from their files.
+    Larger banks stay where they are: in host memory, or in their files.
     """
     if device.type != "cuda":
         return

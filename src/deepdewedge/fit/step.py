@@ -66,7 +66,7 @@ class Banks:
     """Rotation-ready crops `(n, S, S, S)`: tomo0 (model input) and tomo1 (target) halves.
 
     Each bank is a tensor (in host or device memory) or a
-    :class:`~deepdewedge.fit.bank_files.MappedBank` of a file, whose rows are read per batch.
+    :class:`~deepdewedge.fit.bank_files.BankFile` of a file, whose rows are read per batch.
     """
 
     fit0: Bank
@@ -86,8 +86,9 @@ def rows_on_device(bank: Bank, index: torch.Tensor | slice, device: torch.device
     """`(k, S, S, S)` rows of a bank on `device`.
 
     A bank resident on `device` is indexed in place (`index` on that device). From host
-    memory or a mapped file (whose pages are released again once read), the rows are gathered
-    into page-locked memory and copied without waiting, so the copy overlaps the GPU's work.
+    memory or from a bank file (:class:`~deepdewedge.fit.bank_files.BankFile`), the rows are
+    gathered into page-locked memory and copied without waiting, so the copy overlaps the
+    GPU's work.
     """
     rows = bank[index]
     if rows.device == device:

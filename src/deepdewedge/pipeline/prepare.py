@@ -19,7 +19,7 @@ from deepdewedge.config import (
     PrepareDataConfig,
 )
 from deepdewedge.fit.bank import SubtomoSelection, bank_size, extract_crops, select_subtomos
-from deepdewedge.fit.bank_files import BankWriter, MappedBank, new_bank
+from deepdewedge.fit.bank_files import BankFile, BankWriter, new_bank
 from deepdewedge.fit.step import Banks
 from deepdewedge.fourier import tilt_range_from_mw_angle
 from deepdewedge.io.mrc import InputError, map_volume, read_volume
@@ -315,11 +315,11 @@ def _write_crops(
 
 
 def load_banks(root: Path, *, subtomo_size: int | None) -> tuple[Banks, dict[str, Any]]:
-    """Map the banks written by :func:`prepare_data` from `root`, and read their metadata.
+    """Open the banks written by :func:`prepare_data` in `root`, and read their metadata.
 
-    The banks are memory-mapped read-only (:class:`~deepdewedge.fit.bank_files.MappedBank`):
-    the fit reads the rows of each batch from the files, so memory does not grow with the
-    size of the banks. A given `subtomo_size` must match the one the banks were prepared with.
+    The banks stay in their files (:class:`~deepdewedge.fit.bank_files.BankFile`): the fit
+    reads the rows of each batch from them, so memory does not grow with the size of the
+    banks. A given `subtomo_size` must match the one the banks were prepared with.
     """
     meta_file = root / "metadata.json"
     if not meta_file.exists():
@@ -331,8 +331,8 @@ def load_banks(root: Path, *, subtomo_size: int | None) -> tuple[Banks, dict[str
             f", not {subtomo_size}; use the same subtomo_size or prepare again"
         )
 
-    def load(split: str, half: str) -> MappedBank | None:
-        bank = MappedBank(root / split / f"subtomo{half}.npy")
+    def load(split: str, half: str) -> BankFile | None:
+        bank = BankFile(root / split / f"subtomo{half}.npy")
         return bank if len(bank) else None
 
     fit0, fit1 = load("fitting", "0"), load("fitting", "1")
