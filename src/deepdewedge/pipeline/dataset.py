@@ -43,6 +43,8 @@ from deepdewedge.pipeline.dataset_state import (
 log = logging.getLogger(__name__)
 
 Steps = Literal["all", "fit", "refine"]
+# Seconds between rewrites of the table and the report while tomograms are refined.
+REPORT_EVERY_S = 60.0
 # Config sections that may set standardize_full_tomos.
 SCALE_SECTIONS = ("shared", "prepare_data")
 
@@ -131,8 +133,9 @@ def run_dataset(
     if steps == "fit":
         return summary
 
+    last_written = time.monotonic()
     for name in shard.take(list(entries)):
-        _refine_one(
+        refined = _refine_one(
             entries[name],
             Path(checkpoint),
             project_dir,
@@ -142,6 +145,10 @@ def run_dataset(
             summary,
             overwrite=overwrite,
         )
+        # The table and the report follow the run, rewritten at most every so often.
+        if shard.is_whole and refined and time.monotonic() - last_written > REPORT_EVERY_S:
+            write_dataset_outputs(project_dir, source, entries)
+            last_written = time.monotonic()
     if shard.is_whole:
         summary.outputs = write_dataset_outputs(project_dir, source, entries)
     return summary
@@ -324,8 +331,11 @@ def _refine_one(
     summary: DatasetSummary,
     *,
     overwrite: bool,
-) -> None:
-    """Refine one tomogram unless done before; record the outcome, never raise for it."""
+) -> bool:
+    """Refine one tomogram unless done before; record the outcome, never raise for it.
+
+    Returns whether it was refined (or failed) now, not skipped.
+    """
     from deepdewedge.pipeline.refining import refine_tomogram
 
     known = read_state(project_dir)["tomograms"].get(entry.name)
@@ -333,10 +343,10 @@ def _refine_one(
         summary.failed[entry.name] = entry.error
         if not known or known.get("error") != entry.error:
             _record(writer, callbacks, entry, status="failed", error=entry.error)
-        return
+        return True
     if not overwrite and _is_done(known, checkpoint, entry):
         summary.skipped.append(entry.name)
-        return
+        return False
     _record(writer, callbacks, entry, status="running", model=str(checkpoint))
     started = time.perf_counter()
     try:
@@ -358,12 +368,12 @@ def _refine_one(
         outputs["images"] = _tomogram_images(entry, refined, outputs, project_dir)
     except InputError as err:
         _fail(writer, callbacks, summary, entry, str(err))
-        return
+        return True
     except Exception as err:  # noqa: BLE001 - one tomogram must not stop the others
         log.debug("%s", traceback.format_exc())
         reason = " ".join(str(err).split()) or type(err).__name__
         _fail(writer, callbacks, summary, entry, f"{entry.tomo0}: {type(err).__name__}: {reason}")
-        return
+        return True
     _record(
         writer,
         callbacks,
@@ -374,6 +384,7 @@ def _refine_one(
         seconds={"refine": round(time.perf_counter() - started, 1)},
     )
     summary.refined.append(entry.name)
+    return True
 
 
 def _fail(
