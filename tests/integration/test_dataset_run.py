@@ -112,8 +112,9 @@ def test_fits_once_refines_all_and_resumes_without_redoing(dataset):
     assert read_state(project)["fit"]["checkpoint"] == checkpoint
 
 
-def test_a_run_stopped_while_refining_continues_where_it_stopped(dataset):
+def test_a_run_stopped_while_refining_continues_where_it_stopped(dataset, monkeypatch):
     folder, config, project = dataset
+    monkeypatch.setattr("deepdewedge.pipeline.dataset.REPORT_EVERY_S", 0.0)
     seen = []
 
     def stop_after_two(name, record):
@@ -128,6 +129,14 @@ def test_a_run_stopped_while_refining_continues_where_it_stopped(dataset):
         )
     before = _refined_times(project)
     assert len(before) == 2
+    # The table followed the run up to the stop.
+    with open(project / "tomograms.csv") as handle:
+        assert [r["status"] for r in csv.DictReader(handle)] == [
+            "refined",
+            "pending",
+            "pending",
+            "pending",
+        ]
     summary = run_dataset(settings, config_file=config)
     assert sorted(summary.skipped) == ["TS_00", "TS_01"]
     assert sorted(summary.refined) == ["TS_02", "TS_03"]
