@@ -305,3 +305,17 @@ def test_the_file_lists_of_a_published_config_are_a_dataset(dataset):
         "TS_00": "refined",
         "TS_01": "refined",
     }
+
+
+def test_halves_of_different_voxel_size_or_shape_fail_that_tomogram_only(dataset):
+    from deepdewedge.io.dataset import read_dataset
+    from deepdewedge.pipeline.dataset import _checked
+
+    folder, _, _ = dataset
+    with mrcfile.open(folder / "TS_01_tomo1.mrc", mode="r+") as mrc:
+        mrc.voxel_size = 5.0
+    _write(folder / "TS_03_tomo1.mrc", np.zeros((16, 24, 20)))
+    errors = {e.name: _checked(e).error for e in read_dataset(folder)}
+    assert errors["TS_00"] is None and errors["TS_02"] is None
+    assert "TS_01_tomo1.mrc: voxel size 5.000 Å differs from" in errors["TS_01"]
+    assert "TS_03_tomo1.mrc: shape (16, 24, 20) differs from" in errors["TS_03"]

@@ -25,7 +25,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,9 +155,9 @@ def run_dataset(
 
 
 def _entries(config: DatasetConfig, config_file: Path | None) -> list[TomogramEntry]:
-    """The dataset's tomograms: from its path, else from the config's file lists."""
+    """The dataset's tomograms, their halves checked: from its path, else the config's lists."""
     if config.path is not None:
-        return read_dataset(config.path)
+        return [_checked(e) for e in read_dataset(config.path)]
     lists = step_config(
         "refine_tomogram",
         config_file=config_file,
@@ -168,7 +168,37 @@ def _entries(config: DatasetConfig, config_file: Path | None) -> list[TomogramEn
             f"{config_file or 'command line'}: no dataset; give --dataset or tomo0_files and "
             "tomo1_files in the config"
         )
-    return entries_from_lists(lists.tomo0_files, lists.tomo1_files)  # type: ignore[attr-defined]
+    entries = entries_from_lists(lists.tomo0_files, lists.tomo1_files)  # type: ignore[attr-defined]
+    return [_checked(e) for e in entries]
+
+
+def _checked(entry: TomogramEntry) -> TomogramEntry:
+    """`entry`, with an error if its halves are unreadable or differ in shape or voxel size.
+
+    Only the headers are read; NaNs and the like are found when the tomogram is used.
+    """
+    from deepdewedge.io.mrc import map_volume
+
+    if entry.error is not None:
+        return entry
+    try:
+        tomo0, voxel0 = map_volume(entry.tomo0)
+        tomo1, voxel1 = map_volume(entry.tomo1)
+    except InputError as err:
+        return replace(entry, error=str(err))
+    if tomo0.shape != tomo1.shape:
+        error = (
+            f"{entry.tomo1}: shape {tomo1.shape} differs from {entry.tomo0} {tomo0.shape}; the "
+            "two halves must come from the same reconstruction geometry"
+        )
+        return replace(entry, error=error)
+    if abs(voxel0 - voxel1) > 1e-3 * max(voxel0, voxel1):
+        error = (
+            f"{entry.tomo1}: voxel size {voxel1:.3f} Å differs from {entry.tomo0} "
+            f"{voxel0:.3f} Å; reconstruct both halves at the same pixel size and binning"
+        )
+        return replace(entry, error=error)
+    return entry
 
 
 def _fitted_model(project_dir: Path, *, any_fit: bool) -> Path | None:
