@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from deepdewedge.evaluate.figures import loss_curve_figure
-from deepdewedge.pipeline.report import tomogram_images, write_report
+from deepdewedge.pipeline.report import write_report
+from deepdewedge.pipeline.report_images import tomogram_images
 from deepdewedge.simulate.phantom import simulate_tomogram
 
 WINDOW = (1200, 2000)

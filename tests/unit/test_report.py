@@ -6,14 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-import deepdewedge.pipeline.report as report_module
+import deepdewedge.pipeline.report as report
+import deepdewedge.pipeline.report_images as report_images
 from deepdewedge.fourier import missing_wedge_mask
-from deepdewedge.pipeline.report import (
-    mean_xz_power_spectrum,
-    summary_counts,
-    tomogram_images,
-    write_report,
-)
+from deepdewedge.pipeline.report import summary_counts, write_report
+from deepdewedge.pipeline.report_images import mean_xz_power_spectrum, tomogram_images
 
 
 def _png(data: bytes) -> Image.Image:
@@ -66,13 +63,13 @@ def test_a_large_memory_map_is_binned_once_and_stays_small(tmp_path, monkeypatch
     np.memmap(path, np.float32, "w+", shape=shape)[:] = _volume(shape)
     volume = np.memmap(path, np.float32, "r", shape=shape)
     binned = []
-    original = report_module.binned_preview
+    original = report_images.binned_preview
 
     def spy(volume, **kwargs):
         binned.append(original(volume, **kwargs))
         return binned[-1]
 
-    monkeypatch.setattr(report_module, "binned_preview", spy)
+    monkeypatch.setattr(report_images, "binned_preview", spy)
     images = tomogram_images(volume, volume, volume)
     assert [b.shape for b in binned] == [(4, 14, 367)] * 3
     slices = _png(images["orthoslices"])
@@ -207,7 +204,7 @@ def test_a_failed_write_keeps_the_old_page(rows, tmp_path, monkeypatch):
     folder = tmp_path / "out"
     folder.mkdir()
     (folder / "report.html").write_text("old")
-    monkeypatch.setattr(report_module, "_section", lambda *args: 1 / 0)
+    monkeypatch.setattr(report, "_section", lambda *args: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         write_report(folder / "report.html", title="t", rows=rows)
     assert [p.name for p in folder.iterdir()] == ["report.html"]

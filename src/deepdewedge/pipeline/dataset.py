@@ -444,7 +444,7 @@ def _tomogram_images(
     """Write the report's figures of one refined tomogram; their paths by kind."""
     from deepdewedge.io.atomic import atomic_write
     from deepdewedge.io.mrc import map_volume
-    from deepdewedge.pipeline.report import tomogram_images
+    from deepdewedge.pipeline.report_images import tomogram_images
 
     source = entry.full if entry.full is not None and entry.full.exists() else entry.tomo0
     volume, _ = map_volume(source)
