@@ -5,10 +5,12 @@ import json
 import mrcfile
 import numpy as np
 import pytest
+import torch
 
 from deepdewedge import fit_model, prepare_data, refine_tomogram
 from deepdewedge.config import step_config
 from deepdewedge.fit import loop
+from deepdewedge.fit import step as fit_step
 from deepdewedge.io.checkpoint import load_checkpoint
 from deepdewedge.io.mrc import InputError
 from deepdewedge.pipeline import refining
@@ -107,3 +109,67 @@ def test_fit_and_refine_take_the_wedge_of_the_banks(tmp_path, monkeypatch):
     refine |= {"mask_tile_wedges": True, "precision": "32"}
     refine_tomogram(step_config("refine_tomogram", overrides=refine))
     assert wedges == [{"tilt_range_deg": (-50.0, 65.0)}] * 2
+
+
+def _two_tomograms(root):
+    """Half tomograms `(16, 24, 24)` of two tomograms."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    files = {"tomo0_files": [], "tomo1_files": []}
+    for name in ("a", "b"):
+        signal = rng.standard_normal((16, 24, 24)).astype(np.float32)
+        for half in ("tomo0", "tomo1"):
+            path = root / f"{name}_{half}.mrc"
+            with mrcfile.new(path, overwrite=True) as mrc:
+                mrc.set_data(signal + rng.standard_normal(signal.shape).astype(np.float32))
+            files[f"{half}_files"].append(path)
+    return files
+
+
+def test_tomograms_with_different_tilt_ranges_keep_their_own_wedges(tmp_path, monkeypatch):
+    files = _two_tomograms(tmp_path / "in")
+    own = [[-60.0, 60.0], [-45.0, 65.0]]
+    prepare = {
+        "project_dir": tmp_path / "proj",
+        **files,
+        "subtomo_size": 8,
+        "subtomo_extraction_strides": [8, 8, 8],
+        "val_fraction": 0.2,
+        "tilt_ranges_deg": own,
+    }
+    prepare_data(step_config("prepare_data", overrides=prepare))
+    meta_file = tmp_path / "proj/subtomos/metadata.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["tilt_ranges_deg"] == own
+    # The common wedge stays recorded too: the tilts both tomograms have.
+    assert meta["tilt_range_deg"] == [-45.0, 60.0] and meta["mw_angle"] == pytest.approx(75.0)
+    fitting = [r["tomo_index"] for r in meta["subtomos"] if r["split"] == "fitting"]
+    assert set(fitting) == {0, 1}
+
+    wedges = []
+    real_batch = fit_step.make_batch
+
+    def spy(*args, **kwargs):
+        wedges.append(kwargs.get("tilt_range_deg"))
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(fit_step, "make_batch", spy)
+    fit = {**FIT, "project_dir": tmp_path / "proj", "check_val_every_n_epochs": 1}
+    fit["unet_params_dict"] = {"chans": 4, "num_downsample_layers": 1}
+    result = fit_model(step_config("fit_model", overrides=fit))
+    assert len(result["history"]) == 1 and result["history"][0]["val_loss"] is not None
+    # Every batch (input statistics, fitting steps, validation) masks each pair with its own
+    # tomogram's tilt range.
+    assert wedges and all(isinstance(w, torch.Tensor) for w in wedges)
+    assert torch.cat(wedges).unique(dim=0).tolist() == own
+    state = load_checkpoint(result["checkpoint"])
+    assert state["tilt_ranges_deg"] == own and state["tilt_range_deg"] == [-45.0, 60.0]
+
+    # A given mw_angle is one symmetric wedge for all: the fit keeps one shared mask.
+    prepare |= {"mw_angle": 60.0, "overwrite": True}
+    prepare_data(step_config("prepare_data", overrides=prepare))
+    assert json.loads(meta_file.read_text())["tilt_ranges_deg"] == [[-60.0, 60.0]] * 2
+    wedges.clear()
+    result = fit_model(step_config("fit_model", overrides={**fit, "overwrite": True}))
+    assert wedges and all(w == (-60.0, 60.0) for w in wedges)
+    assert load_checkpoint(result["checkpoint"])["tilt_ranges_deg"] is None

@@ -83,13 +83,14 @@ def test_filled_bank_holds_every_part_in_order(tmp_path):
     val0 = BankFile(_bank(tmp_path / "val.npy", _rows(10, seed=1))).rows(6, 9)
     calls = []
 
-    def fill(rows):
-        calls.append(len(rows))
+    def fill(rows, part, where):
+        calls.append((part, where.start, where.stop))
+        assert len(rows) == where.stop - where.start
         return 2 * rows
 
     path = tmp_path / "input_bank_e00002.npy"
     parts = write_filled_bank(path, [fit0, val0], fill, DistContext(), chunk_rows=3)
-    assert calls == [3, 3, 1, 3]
+    assert calls == [(0, 0, 3), (0, 3, 6), (0, 6, 7), (1, 0, 3)]
     assert torch.equal(parts[0][:], 2 * fit0) and torch.equal(parts[1][:], 2 * val0[:])
     assert np.array_equal(np.load(path), torch.cat([2 * fit0, 2 * val0[:]]).numpy())
 

@@ -229,3 +229,42 @@ def test_resume_from_an_input_bank_state_of_earlier_versions(tmp_path):
         model, _banks(), settings, checkpoint_dir=directory, resume_from=directory / "latest.ckpt"
     )
     assert history == expected
+
+
+def _ranged(banks, fit_ranges, val_ranges):
+    def rows(ranges):
+        return torch.tensor(ranges, dtype=torch.float64)
+
+    return Banks(
+        banks.fit0,
+        banks.fit1,
+        banks.val0,
+        banks.val1,
+        fit_tilt_ranges=rows(fit_ranges),
+        val_tilt_ranges=rows(val_ranges),
+    )
+
+
+def test_rows_with_tilt_ranges_of_their_own_fit_with_their_own_wedges(tmp_path):
+    """Rows that all carry -50..65 fit like one -50..65 wedge for all (steps in micro-batches,
+    validation, input statistics, the wedge update of epoch 2), not like the settings' 60°."""
+    asymmetric = [-50.0, 65.0]
+    expected, _, _ = _fit(tmp_path, num_epochs=4, tilt_range_deg=tuple(asymmetric))
+    banks = _ranged(_banks(), [asymmetric] * 7, [asymmetric] * 2)
+    history, _, _ = _fit(tmp_path, banks, num_epochs=4, micro_batch_size=2)
+    for got, want in zip(history, expected, strict=True):
+        assert got["fitting_loss"] == pytest.approx(want["fitting_loss"], rel=1e-5)
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    # Rows of two tomograms with different ranges: neither tomogram's wedge alone.
+    symmetric, _, _ = _fit(tmp_path, num_epochs=4)
+    two = [[-60.0, 60.0], asymmetric]
+    mixed, _, _ = _fit(
+        tmp_path, _ranged(_banks(), [two[i % 2] for i in range(7)], two), num_epochs=4
+    )
+    for other in (expected, symmetric):
+        assert all(
+            m["val_loss"] != pytest.approx(o["val_loss"], rel=1e-4)
+            for m, o in zip(mixed[1:], other[1:], strict=True)
+        )
+    with pytest.raises(ValueError, match="one range per row of a bank of 7"):
+        _ranged(_banks(), [asymmetric] * 6, [asymmetric] * 2)

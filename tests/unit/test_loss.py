@@ -74,3 +74,55 @@ def test_error_only_in_unmeasured_target_region_costs_nothing():
     assert err.square().sum() > 1.0
     zero = torch.zeros_like(err)
     assert masked_fourier_loss(err, zero, loss_weights(m, mr)).item() < 1e-10
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_pairs_of_tomograms_with_different_tilt_ranges_get_their_own_masks(rotate):
+    """A batch mixing two tomograms' pairs: each pair's M, M_φ, input and loss are those of
+    the pair built alone with its own tomogram's tilt range."""
+    from deepdewedge.fit.batch import make_batch
+    from deepdewedge.fit.step import FitSettings, batch_wedge, row_tilt_ranges
+
+    g = torch.Generator().manual_seed(5)
+    crops0, crops1 = (
+        torch.randn(4, 14, 14, 14, generator=g),
+        torch.randn(4, 14, 14, 14, generator=g),
+    )
+    per_tomo = torch.tensor([[-60.0, 60.0], [-42.0, 65.0]], dtype=torch.float64)
+    tomo_of_row = torch.tensor([0, 1, 1, 0])
+    rotmats = sample_rotations(4, generator=g) if rotate else None
+    settings = FitSettings(
+        subtomo_size=8, mw_angle=60.0, num_epochs=1, batch_size=4, adam_params={}, seed=0
+    )
+    shared = missing_wedge_mask((8, 8, 8), mw_angle_deg=60.0)
+    ranges = row_tilt_ranges(per_tomo[tomo_of_row], torch.arange(4), torch.device("cpu"))
+    mask, wedge = batch_wedge(settings, shared, ranges)
+    assert mask.shape == (4, 8, 8, 5) and not torch.equal(mask[0], mask[1])
+    options = {"subtomo_size": 8, "rotate": rotate, "generator": None, "interpolation": "linear"}
+    batch = make_batch(crops0, crops1, mw_mask=mask, **wedge, rotmats=rotmats, **options)
+    batch_losses = masked_fourier_loss(
+        torch.zeros_like(batch.target), batch.target, loss_weights(mask, batch.rot_mw_mask)
+    )
+    losses = []
+    for i, tomo in enumerate(tomo_of_row.tolist()):
+        own = tuple(per_tomo[tomo].tolist())
+        own_mask = missing_wedge_mask((8, 8, 8), tilt_range_deg=own)
+        alone = make_batch(
+            crops0[i : i + 1],
+            crops1[i : i + 1],
+            mw_mask=own_mask,
+            tilt_range_deg=own,
+            rotmats=None if rotmats is None else rotmats[i : i + 1],
+            **options,
+        )
+        assert torch.equal(mask[i], own_mask)
+        assert torch.equal(batch.rot_mw_mask[i], alone.rot_mw_mask[0])
+        torch.testing.assert_close(batch.model_input[i], alone.model_input[0])
+        torch.testing.assert_close(batch.target[i], alone.target[0])
+        weights = loss_weights(own_mask, alone.rot_mw_mask)
+        assert torch.equal(loss_weights(mask, batch.rot_mw_mask)[i], weights[0])
+        losses.append(masked_fourier_loss(torch.zeros_like(alone.target), alone.target, weights))
+    assert batch_losses.item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+    # Pairs without ranges of their own keep the one shared mask of the settings' wedge.
+    assert batch_wedge(settings, shared, None) == (shared, {"mw_angle_deg": 60.0})
+    assert batch_wedge(settings, None, ranges) == (None, {"mw_angle_deg": 60.0})

@@ -71,6 +71,34 @@ def test_wedge_update_replaces_only_the_wedge():
     assert (spec_in * (1 - mask)).abs().max() > 1.0
 
 
+def test_wedge_update_fills_each_crops_own_wedge():
+    """Crops of tomograms with different tilt ranges: each keeps its own measured region and
+    only its own missing wedge is replaced, as if filled alone with its own range.
+
+    An odd edge has no Nyquist planes, where an asymmetric wedge is not point symmetric.
+    """
+    crops = torch.randn(3, 13, 13, 13, generator=torch.Generator().manual_seed(2))
+    ranges = [(-60.0, 60.0), (-40.0, 65.0), (-60.0, 60.0)]
+    options = {"size_multiple": 4, "batch_size": 2, "device": torch.device("cpu")}
+    filled = fill_missing_wedges(_Constant(), crops, tilt_range_deg=torch.tensor(ranges), **options)
+    spec_in = torch.fft.rfftn(crops, dim=(-3, -2, -1))
+    spec_out = torch.fft.rfftn(filled, dim=(-3, -2, -1))
+    wide = missing_wedge_mask((13, 13, 13), tilt_range_deg=ranges[1])
+    narrow = missing_wedge_mask((13, 13, 13), tilt_range_deg=ranges[0])
+    assert (wide * (1 - narrow)).sum() > 0  # measured by crop 1 only
+    for i, tilts in enumerate(ranges):
+        own = missing_wedge_mask((13, 13, 13), tilt_range_deg=tilts)
+        torch.testing.assert_close(spec_out[i] * own, spec_in[i] * own, atol=1e-3, rtol=1e-4)
+        assert (spec_out[i] * (1 - own)).abs().max() < 1e-3  # the constant's (empty) wedge
+        alone = fill_missing_wedges(_Constant(), crops[i : i + 1], tilt_range_deg=tilts, **options)
+        torch.testing.assert_close(filled[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+    # Crop 1's measured data beyond the common wedge stays; crop 0 loses that region.
+    extra = wide * (1 - narrow)
+    assert (spec_out[1] * extra).abs().max() > 1.0 and (spec_out[0] * extra).abs().max() < 1e-3
+    with pytest.raises(ValueError, match="one tilt range per crop"):
+        fill_missing_wedges(_Constant(), crops, tilt_range_deg=torch.tensor(ranges[:2]), **options)
+
+
 class _Recorder(torch.nn.Module):
     """Doubles its input and keeps what it was given."""
 

@@ -229,7 +229,7 @@ def new_bank(path: str | os.PathLike, shape: tuple[int, ...]) -> Iterator[BankWr
 def write_filled_bank(
     path: Path,
     parts: Sequence[Bank],
-    fill: Callable[[torch.Tensor], torch.Tensor],
+    fill: Callable[[torch.Tensor, int, slice], torch.Tensor],
     dist: DistContext,
     *,
     chunk_rows: int,
@@ -243,7 +243,8 @@ def write_filled_bank(
     parts
         Banks `(n_i, S, S, S)`; the file holds their filled rows in this order.
     fill
-        Maps `(k, S, S, S)` rows to `(k, S, S, S)` filled rows.
+        ``fill(rows, part, where)`` maps the `(k, S, S, S)` rows ``where`` of ``parts[part]``
+        to `(k, S, S, S)` filled rows.
     dist
         Process group: each process fills its contiguous share of every part, `chunk_rows`
         rows at a time; rank 0 gathers the pieces and writes them, so memory holds one
@@ -263,13 +264,13 @@ def write_filled_bank(
     writing = new_bank(path, (total, *row_shape)) if dist.is_main else nullcontext()
     with writing as writer:
         offset = 0
-        for part in parts:
+        for index, part in enumerate(parts):
             bounds = [dist.shard_bounds(len(part), r) for r in range(dist.world_size)]
             lo, hi = bounds[dist.rank]
             longest = max(stop - start for start, stop in bounds)
             for step in range(0, longest, chunk_rows):
                 mine = slice(min(hi, lo + step), min(hi, lo + step + chunk_rows))
-                filled = fill(part[mine]) if mine.stop > mine.start else None
+                filled = fill(part[mine], index, mine) if mine.stop > mine.start else None
                 counts = [max(0, min(stop - start - step, chunk_rows)) for start, stop in bounds]
                 pieces = dist.gather_rows_to_main(filled, counts, row_shape)
                 if writer is not None:

@@ -22,6 +22,11 @@ class Batch:
         `(b, 1, s, s, s)` tomo1 sub-tomograms under the same rotations.
     rot_mw_mask
         `(b, s, s, s // 2 + 1)` rotated masks M_φ, or None in noise2noise-only mode.
+
+    Notes
+    -----
+    M and M_φ of Eq. (2) are the missing wedge of the pair's own tomogram: the batch may mix
+    pairs of tomograms with different tilt ranges, each then with its own masks.
     """
 
     model_input: torch.Tensor
@@ -42,7 +47,7 @@ def make_batch(
     subtomo_size: int,
     mw_mask: torch.Tensor | None,
     mw_angle_deg: float | None = None,
-    tilt_range_deg: tuple[float, float] | None = None,
+    tilt_range_deg: tuple[float, float] | torch.Tensor | None = None,
     rotate: bool,
     generator: torch.Generator | None,
     interpolation: str = "cubic",
@@ -57,10 +62,13 @@ def make_batch(
     subtomo_size
         Edge s of the model input and target.
     mw_mask
-        `(s, s, s // 2 + 1)` wedge mask M added to the input, or None for no extra wedge.
+        `(s, s, s // 2 + 1)` wedge mask M added to every input, `(b, s, s, s // 2 + 1)` one
+        mask per pair, or None for no extra wedge.
     mw_angle_deg, tilt_range_deg
         The target's own missing wedge (and M): its opening angle, or the tilt range of an
-        asymmetric one; exactly one of the two when `mw_mask` is given.
+        asymmetric one, or a `(b, 2)` tensor of one tilt range per pair (with one `mw_mask`
+        per pair, built from the same ranges); exactly one of the two when `mw_mask` is
+        given.
     rotate
         Apply one uniformly random rotation per pair (the same for both halves).
     generator
@@ -83,12 +91,17 @@ def make_batch(
     model_input, target = pairs[:, :1], pairs[:, 1:]
     if mw_mask is None:
         return Batch(model_input.contiguous(), target.contiguous(), None)
-    model_input = apply_fourier_mask(model_input, mw_mask)
+    per_pair = mw_mask.dim() == 4
+    if per_pair and len(mw_mask) != len(pairs):
+        raise ValueError(f"got {len(mw_mask)} wedge masks for {len(pairs)} pairs")
+    model_input = apply_fourier_mask(model_input, mw_mask[:, None] if per_pair else mw_mask)
     shape = (subtomo_size,) * 3
     if rotate:
         rot_mw_mask = rotated_missing_wedge_mask(
             shape, rotmats, mw_angle_deg=mw_angle_deg, tilt_range_deg=tilt_range_deg
         )
+    elif per_pair:
+        rot_mw_mask = mw_mask
     else:
         rot_mw_mask = mw_mask.expand(len(pairs), *mw_mask.shape)
     return Batch(model_input, target.contiguous(), rot_mw_mask)

@@ -25,6 +25,7 @@ from deepdewedge.fit.step import (
     accumulate_gradients,
     batch_rotations,
     model_input_statistics,
+    row_tilt_ranges,
     rows_on_device,
     validation_loss,
 )
@@ -74,15 +75,18 @@ def _update_input_banks(
     The filled crops go into the new bank file `path` (fitting rows, then validation rows),
     which the fit then reads a batch at a time, or from the device where the old input
     bank was resident. Each process fills its share (see
-    :func:`~deepdewedge.fit.bank_files.write_filled_bank`).
+    :func:`~deepdewedge.fit.bank_files.write_filled_bank`). Rows with tilt ranges of their
+    own get their own wedge filled.
     """
     on_device = isinstance(banks.fit0, torch.Tensor) and banks.fit0.device == settings.device
+    ranges = [banks.fit_tilt_ranges, banks.val_tilt_ranges]
 
-    def fill(crops: torch.Tensor) -> torch.Tensor:
+    def fill(crops: torch.Tensor, part: int, rows: slice) -> torch.Tensor:
+        own = ranges[part]
         return fill_missing_wedges(
             model,
             crops,
-            **settings.wedge,
+            **(settings.wedge if own is None else {"tilt_range_deg": own[rows]}),
             size_multiple=model.size_multiple,
             batch_size=settings.batch_size,
             device=settings.device,
@@ -310,6 +314,7 @@ def fit(
                 settings,
                 mw_mask,
                 scale=scale,
+                tilt_ranges=row_tilt_ranges(banks.fit_tilt_ranges, idx[part], device),
             )
             optimizer.step()
             running += loss
@@ -366,8 +371,13 @@ def fit(
 def _place_banks(banks: Banks, device: torch.device) -> None:
     """Keep the banks resident on the GPU when they take under a third of its free memory.
 
-    Larger banks stay where they are: in host memory, or in their files.
+    Larger banks stay where they are: in host memory, or in their files. The rows' tilt
+    ranges (a few bytes each) always go to `device`.
     """
+    for name in ("fit_tilt_ranges", "val_tilt_ranges"):
+        ranges = getattr(banks, name)
+        if ranges is not None:
+            setattr(banks, name, ranges.to(device))
     if device.type != "cuda":
         return
     tensors = [t for t in (banks.fit0, banks.fit1, banks.val0, banks.val1) if t is not None]

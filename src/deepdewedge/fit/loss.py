@@ -13,9 +13,10 @@ def loss_weights(
     Parameters
     ----------
     mw_mask
-        `(d, h, w')` mask M of the wedge added to the model input.
+        `(d, h, w')` mask M of the wedge added to every model input, or `(b, d, h, w')` one
+        per sample (samples of tomograms with different tilt ranges).
     rot_mw_mask
-        `(b, d, h, w')` rotated masks M_φ of the target's own missing wedge.
+        `(b, d, h, w')` rotated masks M_φ of each target's own missing wedge.
     inside_weight
         Weight of the squared error on frequencies that M removed but the target holds.
 
@@ -31,6 +32,8 @@ def loss_weights(
     target (the noisier2noise part that teaches wedge filling). Frequencies the target never
     measured get weight 0. The factor applies to the squared error, as in the proof of
     Proposition 1 (appendix B), where the weighted term splits into two equal expectations.
+    Eq. (2) is a per-sample loss: M and M_φ are the missing wedge of the sample's own
+    tomogram, so in a batch that mixes tilt ranges each sample is weighted by its own wedge.
     """
     return rot_mw_mask * (mw_mask + inside_weight * (1.0 - mw_mask))
 

@@ -15,6 +15,7 @@ from deepdewedge.fit.bank_files import Bank
 from deepdewedge.fit.batch import make_batch
 from deepdewedge.fit.distributed import DistContext
 from deepdewedge.fit.loss import loss_weights, masked_fourier_loss
+from deepdewedge.fourier import missing_wedge_mask
 from deepdewedge.model.unet import DeWedgeModel
 from deepdewedge.rotation import sample_rotations
 
@@ -67,12 +68,26 @@ class Banks:
 
     Each bank is a tensor (in host or device memory) or a
     :class:`~deepdewedge.fit.bank_files.BankFile` of a file, whose rows are read per batch.
+
+    ``fit_tilt_ranges`` and ``val_tilt_ranges`` are `(n, 2)` tilt ranges in degrees, one per
+    row: the range of the tomogram the row was cut from, for banks of tomograms whose ranges
+    differ. None: every row has the wedge of the settings (:attr:`FitSettings.wedge`).
     """
 
     fit0: Bank
     fit1: Bank
     val0: Bank | None = None
     val1: Bank | None = None
+    fit_tilt_ranges: torch.Tensor | None = None
+    val_tilt_ranges: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        for ranges, bank in ((self.fit_tilt_ranges, self.fit1), (self.val_tilt_ranges, self.val1)):
+            if ranges is not None and tuple(ranges.shape) != (0 if bank is None else len(bank), 2):
+                raise ValueError(
+                    f"tilt ranges {tuple(ranges.shape)} do not give one range per row of a bank "
+                    f"of {0 if bank is None else len(bank)}"
+                )
 
 
 def _autocast(settings: FitSettings):
@@ -98,6 +113,54 @@ def rows_on_device(bank: Bank, index: torch.Tensor | slice, device: torch.device
     return rows.to(device, non_blocking=True)
 
 
+def row_tilt_ranges(
+    ranges: torch.Tensor | None, index: torch.Tensor | slice, device: torch.device
+) -> torch.Tensor | None:
+    """`(k, 2)` tilt ranges of the bank rows `index` on `device`, or None without `ranges`."""
+    if ranges is None:
+        return None
+    if isinstance(index, torch.Tensor):
+        index = index.to(ranges.device)
+    return ranges[index].to(device)
+
+
+def batch_wedge(
+    settings: FitSettings, mw_mask: torch.Tensor | None, tilt_ranges: torch.Tensor | None
+) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """The extra-wedge mask M of a batch and its wedge, as keywords of :func:`make_batch`.
+
+    Parameters
+    ----------
+    settings
+        Options of the fit; its wedge is that of rows without a tilt range of their own.
+    mw_mask
+        `(s, s, s // 2 + 1)` mask M of the settings' wedge, or None for no extra wedge.
+    tilt_ranges
+        `(b, 2)` tilt range of each pair's tomogram (see :func:`row_tilt_ranges`), or None
+        when all pairs have the settings' wedge.
+
+    Returns
+    -------
+    tuple
+        `mw_mask` and ``settings.wedge`` when the pairs share the wedge (or without extra
+        wedge); else `(b, s, s, s // 2 + 1)` one mask M per pair and
+        ``{"tilt_range_deg": tilt_ranges}``.
+
+    Notes
+    -----
+    The masks M and M_φ of Eq. (2) are the missing wedge of the pair's own tomogram. Pairs
+    of tomograms with different tilt ranges thus get their own M here and their own M_φ in
+    :func:`make_batch` (the wedge test on rotated frequencies, one range per volume).
+    """
+    if mw_mask is None or tilt_ranges is None:
+        return mw_mask, settings.wedge
+    ranges = tilt_ranges.to(settings.device)
+    mask = missing_wedge_mask(
+        (settings.subtomo_size,) * 3, tilt_range_deg=ranges, device=settings.device
+    )
+    return mask, {"tilt_range_deg": ranges}
+
+
 def batch_rotations(
     n: int, generator: torch.Generator, settings: FitSettings
 ) -> torch.Tensor | None:
@@ -118,14 +181,19 @@ def _loss_of_batch(
     rotmats: torch.Tensor | None,
     settings: FitSettings,
     mw_mask: torch.Tensor | None,
+    tilt_ranges: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean loss over `(b, S, S, S)` crop pairs on the device, under the given rotations."""
+    """Mean loss over `(b, S, S, S)` crop pairs on the device, under the given rotations.
+
+    `tilt_ranges` `(b, 2)` gives each pair its own wedge (see :func:`batch_wedge`).
+    """
+    mw_mask, wedge = batch_wedge(settings, mw_mask, tilt_ranges)
     batch = make_batch(
         crops0,
         crops1,
         subtomo_size=settings.subtomo_size,
         mw_mask=mw_mask,
-        **settings.wedge,
+        **wedge,
         rotate=settings.rotate,
         generator=None,
         interpolation=settings.interpolation,
@@ -151,8 +219,12 @@ def accumulate_gradients(
     mw_mask: torch.Tensor | None,
     *,
     scale: float = 1.0,
+    tilt_ranges: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Add the gradient of `scale` × the mean loss over `(b, S, S, S)` crop pairs to `module`.
+
+    `tilt_ranges` `(b, 2)` gives each pair the wedge of its own tomogram; None: all have the
+    wedge of `mw_mask` (see :func:`batch_wedge`).
 
     The pairs go through the network ``settings.micro_batch_size`` at a time. The U-Net
     normalises each sample on its own (instance norm), so the micro-batches' gradients,
@@ -174,6 +246,7 @@ def accumulate_gradients(
                 None if rotmats is None else rotmats[lo:hi],
                 settings,
                 mw_mask,
+                None if tilt_ranges is None else tilt_ranges[lo:hi],
             )
             loss = loss * (scale * (hi - lo) / n)
             loss.backward()
@@ -192,7 +265,8 @@ def validation_loss(
     """Mean loss over the validation bank, rotations fixed by the seed across epochs.
 
     With several processes each one evaluates its share of every batch; the sum is
-    all-reduced, so every process returns the same value.
+    all-reduced, so every process returns the same value. Rows with tilt ranges of their own
+    (``banks.val_tilt_ranges``) are masked with their own wedge, as in fitting.
     """
     assert banks.val0 is not None and banks.val1 is not None
     dist = dist or DistContext()
@@ -218,6 +292,7 @@ def validation_loss(
                 None if rotmats is None else rotmats[start:stop],
                 settings,
                 mw_mask,
+                row_tilt_ranges(banks.val_tilt_ranges, rows, settings.device),
             )
             total += loss.double() * (stop - start)
     model.train(was_training)
@@ -252,12 +327,15 @@ def model_input_statistics(
         if hi == lo:
             continue
         rows = slice(i + lo, i + hi)
+        mask, wedge = batch_wedge(
+            settings, mw_mask, row_tilt_ranges(banks.fit_tilt_ranges, rows, settings.device)
+        )
         batch = make_batch(
             rows_on_device(banks.fit0, rows, settings.device),
             rows_on_device(banks.fit1, rows, settings.device),
             subtomo_size=settings.subtomo_size,
-            mw_mask=mw_mask,
-            **settings.wedge,
+            mw_mask=mask,
+            **wedge,
             rotate=settings.rotate,
             generator=None,
             interpolation=settings.interpolation,

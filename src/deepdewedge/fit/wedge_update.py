@@ -23,7 +23,7 @@ def fill_missing_wedges(
     crops: torch.Tensor,
     *,
     mw_angle_deg: float | None = None,
-    tilt_range_deg: tuple[float, float] | None = None,
+    tilt_range_deg: tuple[float, float] | torch.Tensor | None = None,
     size_multiple: int,
     batch_size: int,
     device: torch.device,
@@ -37,8 +37,8 @@ def fill_missing_wedges(
     crops
         `(n_crops, S, S, S)` model-input bank (tomo0 crops), any device.
     mw_angle_deg, tilt_range_deg
-        The crops' missing wedge: its opening angle, or the tilt range of an asymmetric one
-        (exactly one of the two).
+        The crops' missing wedge: its opening angle, or the tilt range of an asymmetric one,
+        or a `(n_crops, 2)` tensor of each crop's own tilt range (exactly one of the two).
     size_multiple
         Crops are mirror-padded to a multiple of this for the network.
     batch_size
@@ -64,16 +64,33 @@ def fill_missing_wedges(
     published update does: fitting inputs never hold anything in the masked region, and
     predicting from an earlier fill would feed the network its own output. Each update thus
     depends only on the measured data and the current network, however many came before.
+
+    With one tilt range per crop, M is each crop's own wedge: a crop of a tomogram with a
+    wider tilt range keeps more of its measured data, and only its own wedge is filled.
     """
     was_training = model.training
     model.eval()
     big = crops.shape[-1]
-    mask = missing_wedge_mask(
-        (big,) * 3, mw_angle_deg=mw_angle_deg, tilt_range_deg=tilt_range_deg, device=device
-    )
+    ranges = tilt_range_deg if isinstance(tilt_range_deg, torch.Tensor) else None
+    if ranges is not None and tuple(ranges.shape) != (len(crops), 2):
+        raise ValueError(
+            f"need one tilt range per crop, (n_crops, 2), got {tuple(ranges.shape)} for "
+            f"{len(crops)} crops"
+        )
+    if ranges is None:  # `(S, S, S')`: one wedge for all crops
+        shared = missing_wedge_mask(
+            (big,) * 3, mw_angle_deg=mw_angle_deg, tilt_range_deg=tilt_range_deg, device=device
+        )
     out = torch.empty_like(crops)
     for i in range(0, len(crops), batch_size):
         x = crops[i : i + batch_size].to(device)
+        mask = (
+            shared
+            if ranges is None  # else `(k, S, S, S')`: each crop's own wedge
+            else missing_wedge_mask(
+                (big,) * 3, tilt_range_deg=ranges[i : i + batch_size], device=device
+            )
+        )
         measured = mask * torch.fft.rfftn(x, dim=(-3, -2, -1))
         masked = torch.fft.irfftn(measured, s=x.shape[-3:], dim=(-3, -2, -1))
         padded, lo = _pad_to_multiple(masked[:, None], size_multiple)

@@ -22,7 +22,7 @@ from deepdewedge.evaluate.figures import loss_curve_figure
 from deepdewedge.fit import distributed
 from deepdewedge.fit.checkpoints import check_compatible
 from deepdewedge.fit.distributed import DistContext
-from deepdewedge.fit.loop import Callbacks, FitSettings, fit
+from deepdewedge.fit.loop import Banks, Callbacks, FitSettings, fit
 from deepdewedge.io.checkpoint import load_checkpoint
 from deepdewedge.io.mrc import InputError
 from deepdewedge.model.unet import DeWedgeModel
@@ -85,6 +85,9 @@ def _fit_model(
     banks, meta = load_banks(subtomo_dir(config), subtomo_size=config.subtomo_size)
     subtomo_size = int(meta["subtomo_size"])
     mw_angle, tilt_range = _wedge_of_banks(meta, config.mw_angle, subtomo_dir(config))
+    tomo_ranges = _tilt_ranges_of_banks(meta, banks, tilt_range, subtomo_dir(config))
+    if tomo_ranges is not None and dist.is_main:
+        log.info("the tomograms' tilt ranges differ: each sub-tomogram has its own wedge")
     unet_params = config.unet_params_dict.model_dump(exclude={"in_chans", "out_chans"})
     try:
         check_divisible(subtomo_size, 2 ** unet_params["num_downsample_layers"])
@@ -153,6 +156,7 @@ def _fit_model(
         "subtomo_size": subtomo_size,
         "mw_angle": mw_angle,
         "tilt_range_deg": list(tilt_range) if tilt_range is not None else None,
+        "tilt_ranges_deg": tomo_ranges,
         "init_from": init_from,
     }
     # Two input-bank files (the kept one and the next) at a missing-wedge update.
@@ -252,6 +256,46 @@ def _wedge_of_banks(
         )
     lo, hi = meta["tilt_range_deg"]
     return float(recorded), (float(lo), float(hi))
+
+
+def _tilt_ranges_of_banks(
+    meta: dict[str, Any],
+    banks: Banks,
+    common: tuple[float, float] | None,
+    bank_dir: Path,
+) -> list[list[float]] | None:
+    """Give each bank row its tomogram's tilt range where the tomograms' ranges differ.
+
+    Tomograms of unknown range (null in ``tilt_ranges_deg``) take the common wedge `common`.
+    When all ranges agree within 0.5° (one tomogram, one tilt scheme, a given ``mw_angle``),
+    or the banks predate per-tomogram ranges, nothing changes: every row has the common
+    wedge and the fit keeps one precomputed mask. Otherwise ``banks.fit_tilt_ranges`` and
+    ``banks.val_tilt_ranges`` get one range per row (from the ``subtomos`` records: the k-th
+    row of a split is its k-th record), and the per-tomogram ranges are returned for the
+    checkpoints.
+    """
+    recorded = meta.get("tilt_ranges_deg")
+    if recorded is None or common is None:
+        return None
+    ranges = [[float(lo), float(hi)] for lo, hi in (r or common for r in recorded)]
+    per_tomo = torch.tensor(ranges, dtype=torch.float64)
+    if float((per_tomo.amax(dim=0) - per_tomo.amin(dim=0)).max()) <= 0.5:
+        return None
+    meta_file = bank_dir / "metadata.json"
+    for split, half in (("fitting", banks.fit1), ("val", banks.val1)):
+        tomos = [r["tomo_index"] for r in meta.get("subtomos", []) if r["split"] == split]
+        n_rows = 0 if half is None else len(half)
+        if len(tomos) != n_rows or max(tomos, default=0) >= len(ranges):
+            raise InputError(
+                f"{meta_file}: its sub-tomogram records do not match the {split} banks; "
+                "prepare the sub-tomograms again (ddw prepare-data --overwrite)"
+            )
+        rows = per_tomo[torch.tensor(tomos, dtype=torch.long)] if tomos else None
+        if split == "fitting":
+            banks.fit_tilt_ranges = rows
+        else:
+            banks.val_tilt_ranges = rows
+    return ranges
 
 
 def _tensorboard(logs: Path) -> Any:

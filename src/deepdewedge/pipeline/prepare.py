@@ -97,14 +97,21 @@ def bank_wedge(
     tomo0_files: list[Path],
     mw_angle: float | None,
     tilt_ranges_deg: Sequence[tuple[float, float] | None] | None = None,
-) -> tuple[float, list[float]]:
-    """The missing wedge of the banks: opening angle and tilt range ``[lo, hi]`` in degrees.
+) -> tuple[float, list[float], list[list[float] | None]]:
+    """The missing wedges of the banks: the common one, and each tomogram's tilt range.
 
-    A given `mw_angle` is a symmetric wedge (with a warning where a known tilt range
-    disagrees); else the tilt ranges of the tomograms, where every one has one (their common
-    part: the widest missing wedge), else 60°. A tomogram's tilt range is its entry of
-    `tilt_ranges_deg` (e.g. from a dataset's metadata), else the one `ddw reconstruct`
-    recorded beside its tomo0 file.
+    A given `mw_angle` is one symmetric wedge for every tomogram (with a warning where a
+    known tilt range disagrees). Otherwise each tomogram has its own tilt range: its entry of
+    `tilt_ranges_deg` (e.g. from a dataset's metadata), else the one ``ddw reconstruct``
+    recorded beside its tomo0 file, else none (unknown).
+
+    Returns
+    -------
+    tuple
+        The common wedge's opening angle in degrees and tilt range ``[lo, hi]`` (the part of
+        the ranges all tomograms have, i.e. the widest missing wedge; 60° where any range is
+        unknown), and one ``[lo, hi]`` or None (unknown) per tomogram. Fitting masks each
+        sub-tomogram with its tomogram's range, and with the common wedge where it is unknown.
     """
     given = list(tilt_ranges_deg) if tilt_ranges_deg is not None else [None] * len(tomo0_files)
     ranges = [
@@ -122,26 +129,33 @@ def bank_wedge(
                     180.0 - (tilts[1] - tilts[0]),
                     mw_angle,
                 )
-        return float(mw_angle), list(tilt_range_from_mw_angle(mw_angle))
-    if not ranges or any(tilts is None for tilts in ranges):
-        return 60.0, list(tilt_range_from_mw_angle(60.0))
-    los, his = [t[0] for t in ranges], [t[1] for t in ranges]
+        symmetric = list(tilt_range_from_mw_angle(mw_angle))
+        return float(mw_angle), symmetric, [list(symmetric) for _ in tomo0_files]
+    own: list[list[float] | None] = [None if t is None else [t[0], t[1]] for t in ranges]
+    known = [t for t in own if t is not None]
+    if not known or len(known) < len(own):
+        return 60.0, list(tilt_range_from_mw_angle(60.0)), own
+    los, his = [t[0] for t in known], [t[1] for t in known]
     lo, hi = max(los), min(his)
-    if lo - min(los) > 2.0 or max(his) - hi > 2.0:
-        log.warning(
-            "the tomograms' tilt ranges differ; their sub-tomograms are masked for the tilts "
-            "all of them have, %.1f° to %.1f°",
+    if lo - min(los) > 0.5 or max(his) - hi > 0.5:
+        log.info(
+            "the tomograms' tilt ranges differ (%.1f° to %.1f° in common); each tomogram's "
+            "sub-tomograms keep their own missing wedge",
             lo,
             hi,
         )
-    return 180.0 - (hi - lo), [lo, hi]
+    return 180.0 - (hi - lo), [lo, hi], own
 
 
 def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
     """Step 1 (from tomograms on): sub-tomogram banks for fitting and validation.
 
-    Without ``mw_angle``, the tomograms' tilt ranges (``tilt_ranges_deg``, else those
-    ``ddw reconstruct`` recorded) define the banks' missing wedge (see :func:`bank_wedge`).
+    Without ``mw_angle``, each tomogram's tilt range (``tilt_ranges_deg``, else the one
+    ``ddw reconstruct`` recorded) defines the missing wedge of its sub-tomograms (see
+    :func:`bank_wedge`). ``metadata.json`` records each tomogram's range
+    (``tilt_ranges_deg``, null where unknown), the common wedge (``mw_angle`` and
+    ``tilt_range_deg``, the widest one) and which tomogram and split each bank row comes from
+    (``subtomos``: the k-th fitting row is the k-th record of split ``fitting``).
 
     Returns
     -------
@@ -163,7 +177,7 @@ def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
             f"{out_dir}: sub-tomograms already prepared; pass --overwrite to replace them"
         )
     s = config.subtomo_size
-    mw_angle, tilt_range = bank_wedge(
+    mw_angle, tilt_range, tilt_ranges = bank_wedge(
         list(config.tomo0_files), config.mw_angle, config.tilt_ranges_deg
     )
     pairs = list(zip(config.tomo0_files, config.tomo1_files, strict=True))
@@ -208,6 +222,7 @@ def prepare_data(config: PrepareDataConfig) -> dict[str, Any]:
         bank_size=big,
         mw_angle=mw_angle,
         tilt_range_deg=tilt_range,
+        tilt_ranges_deg=tilt_ranges,
         tomo0_files=[str(f) for f in config.tomo0_files],
         tomo1_files=[str(f) for f in config.tomo1_files],
         subtomos=records,
