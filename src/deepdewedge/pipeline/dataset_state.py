@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deepdewedge.io.atomic import atomic_write
+from deepdewedge.io.dataset import TomogramEntry
 from deepdewedge.io.errors import InputError
 
 STATE_VERSION = 1
@@ -137,6 +139,24 @@ class StateWriter:
         self.tomograms[name] = {**record, "updated": time.time()}
         self.save()
         return self.tomograms[name]
+
+    def set_entry(
+        self,
+        entry: TomogramEntry,
+        on_change: Callable[[str, dict[str, Any]], None] | None = None,
+        **record: Any,
+    ) -> dict[str, Any]:
+        """Record tomogram `entry` with its files and tilt range; tell `on_change`."""
+        files = {
+            "tomo0": None if entry.tomo0 is None else str(entry.tomo0),
+            "tomo1": None if entry.tomo1 is None else str(entry.tomo1),
+            "full": None if entry.full is None else str(entry.full),
+            "tilt_range_deg": None if entry.tilt_range_deg is None else list(entry.tilt_range_deg),
+        }
+        saved = self.set(entry.name, **files, **record)
+        if on_change is not None:
+            on_change(entry.name, saved)
+        return saved
 
     def save(self) -> None:
         """Write the state file atomically."""
