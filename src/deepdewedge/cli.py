@@ -675,7 +675,9 @@ def _run_dataset(
             model_checkpoint_file=model_checkpoint_file,
             steps=steps,  # type: ignore[arg-type]
             overwrite=overwrite,
-            callbacks=DatasetCallbacks(fit=fit_callbacks, tiles=on_tiles, tomogram=on_tomogram),
+            callbacks=DatasetCallbacks(
+                fit=fit_callbacks, message=tiles.write, tiles=on_tiles, tomogram=on_tomogram
+            ),
         )
     finally:
         for bar in [*fit_bars, tiles]:

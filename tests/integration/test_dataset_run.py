@@ -319,3 +319,40 @@ def test_halves_of_different_voxel_size_or_shape_fail_that_tomogram_only(dataset
     assert errors["TS_00"] is None and errors["TS_02"] is None
     assert "TS_01_tomo1.mrc: voxel size 5.000 Å differs from" in errors["TS_01"]
     assert "TS_03_tomo1.mrc: shape (16, 24, 20) differs from" in errors["TS_03"]
+
+
+def test_a_folder_of_tilt_series_is_reconstructed_once_then_refined(tmp_path):
+    import torch
+
+    from deepdewedge.simulate import project, simulate_phantom
+
+    folder = tmp_path / "tilt_series"
+    folder.mkdir()
+    angles = np.arange(-51.0, 61.0, 3.0)  # asymmetric: -51 .. 60
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        phantom = simulate_phantom((16, 32, 32), generator=torch.Generator().manual_seed(i))
+        views = project(phantom, torch.from_numpy(angles)).numpy()
+        _write(folder / f"TS_{i}.mrc", views + 0.3 * views.std() * rng.standard_normal(views.shape))
+        (folder / f"TS_{i}.tlt").write_text("".join(f"{a:.2f}\n" for a in angles))
+    config = tmp_path / "config.yaml"
+    project_dir = tmp_path / "project"
+    config.write_text(CONFIG)
+    result = _run("run", "--config", config, "--dataset", folder, "--project-dir", project_dir)
+    assert result.exit_code == 1
+    assert "config.yaml: reconstruct: missing required key 'thickness'" in result.output
+    config.write_text(
+        CONFIG + "reconstruct:\n  thickness: 16\n  dose_filter: false\n  erase_gold: false\n"
+    )
+    result = _run("run", "--config", config, "--dataset", folder, "--project-dir", project_dir)
+    assert result.exit_code == 0, result.output
+    assert "reconstructing TS_0 (1 of 2)" in result.output
+    tomograms = project_dir / "tomograms"
+    records = {p: p.stat().st_mtime_ns for p in tomograms.glob("*_reconstruct.json")}
+    assert len(records) == 2
+    state = read_state(project_dir)
+    assert state["tomograms"]["TS_1"]["tilt_range_deg"] == pytest.approx([-51.0, 60.0])
+    assert all(r["status"] == "refined" for r in state["tomograms"].values())
+    result = _run("run", "--config", config, "--dataset", folder, "--project-dir", project_dir)
+    assert result.exit_code == 0 and "(2 before this run)" in result.output
+    assert {p: p.stat().st_mtime_ns for p in tomograms.glob("*_reconstruct.json")} == records

@@ -389,3 +389,23 @@ def test_entries_from_lists(pairs_folder, tmp_path):
     assert entry == TomogramEntry("b", f / "b_half1.mrc", f / "b_half2.mrc", f / "b.mrc")
     with pytest.raises(InputError, match="tomo1_files: 1 files for 2 tomo0_files"):
         entries_from_lists([f / "a_tomo0.mrc", f / "c_even.mrc"], [f / "a_tomo1.mrc"])
+
+
+def test_a_folder_of_tilt_series_finds_each_stack_with_what_lies_beside_it(tmp_path):
+    from deepdewedge.io.tilt_series_folder import read_tilt_series_folder
+
+    for name in ("a.mrc", "a.xf", "a.tlt", "a.xtilt", "a.defocus", "b.st", "b.aln"):
+        (tmp_path / name).write_text("x")
+    for name in ("c.mrc", "c.mrc.mdoc", "volume.mrc", "d_rec.mrc", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    found = {s.name: s for s in read_tilt_series_folder(tmp_path)}
+    assert sorted(found) == ["a", "b", "c"]
+    assert found["a"].reconstruct_options() == {
+        "tilt_series": tmp_path / "a.mrc",
+        "alignment": tmp_path / "a.xf",
+        "tilt_angles": tmp_path / "a.tlt",
+        "x_tilt_file": tmp_path / "a.xtilt",
+        "defocus_file": tmp_path / "a.defocus",
+    }
+    assert found["b"].alignment == tmp_path / "b.aln" and found["b"].tilt_angles is None
+    assert found["c"].mdoc == tmp_path / "c.mrc.mdoc" and found["c"].alignment is None

@@ -31,8 +31,10 @@ from typing import Any, Literal
 from deepdewedge.config import DatasetConfig, step_config
 from deepdewedge.io.dataset import TomogramEntry, entries_from_lists, read_dataset
 from deepdewedge.io.errors import InputError
+from deepdewedge.io.tilt_series_folder import read_tilt_series_folder
 from deepdewedge.pipeline.dataset_fit import choose_fit_on, fit_dataset
 from deepdewedge.pipeline.dataset_outputs import tomogram_figures, write_dataset_outputs
+from deepdewedge.pipeline.dataset_reconstruct import reconstruct_series
 from deepdewedge.pipeline.dataset_state import (
     Shard,
     StateWriter,
@@ -52,11 +54,13 @@ class DatasetCallbacks:
     """Progress hooks; the pipeline itself never prints.
 
     ``fit`` is handed to the fitting loop (:class:`deepdewedge.fit.loop.Callbacks`);
+    ``message(text)`` tells what the run is doing (e.g. which tilt series it reconstructs);
     ``tiles(done, total)`` follows the tiles of the tomogram being refined;
     ``tomogram(name, record)`` follows every change of a tomogram's state.
     """
 
     fit: Any = None
+    message: Callable[[str], None] | None = None
     tiles: Callable[[int, int], None] | None = None
     tomogram: Callable[[str, dict[str, Any]], None] | None = None
 
@@ -105,7 +109,9 @@ def run_dataset(
     callbacks = callbacks or DatasetCallbacks()
     project_dir = Path(config.project_dir)
     shard = parse_shard(config.shard)
-    entries = {e.name: e for e in _entries(config, config_file)}
+    entries = {
+        e.name: e for e in _entries(config, config_file, shard, callbacks, overwrite=overwrite)
+    }
     source = config.path or str(config_file)
     writer = StateWriter(project_dir, shard, source)
     summary = DatasetSummary(checkpoint=None)
@@ -160,10 +166,41 @@ def run_dataset(
     return summary
 
 
-def _entries(config: DatasetConfig, config_file: Path | None) -> list[TomogramEntry]:
-    """The dataset's tomograms, their halves checked: from its path, else the config's lists."""
+def _entries(
+    config: DatasetConfig,
+    config_file: Path | None,
+    shard: Shard,
+    callbacks: DatasetCallbacks,
+    *,
+    overwrite: bool,
+) -> list[TomogramEntry]:
+    """The dataset's tomograms, their halves checked: from its path, else the config's lists.
+
+    A folder of tilt series is reconstructed first: all of them in a run over the whole
+    dataset, a shard's own in a shard.
+    """
     if config.path is not None:
-        return [_checked(e) for e in read_dataset(config.path)]
+        try:
+            return [_checked(e) for e in read_dataset(config.path)]
+        except InputError:
+            path = Path(config.path)
+            series = read_tilt_series_folder(path) if path.is_dir() else []
+            if not series:
+                raise
+        # Options missing for every tilt series (thickness) stop the run, not each tomogram.
+        step_config(
+            "reconstruct", config_file=config_file, overrides=series[0].reconstruct_options()
+        )
+        mine = set(shard.take([s.name for s in series]))
+        entries = []
+        for i, files in enumerate(s for s in series if s.name in mine):
+            if callbacks.message is not None:
+                callbacks.message(f"reconstructing {files.name} ({i + 1} of {len(mine)})")
+            entry = reconstruct_series(
+                files, Path(config.project_dir), config_file, overwrite=overwrite
+            )
+            entries.append(_checked(entry))
+        return entries
     lists = step_config(
         "refine_tomogram",
         config_file=config_file,
