@@ -8,9 +8,9 @@
 2. ``ddw run --dataset aretomo3/``: killed with SIGKILL in the middle of the fit, then run
    again with the same command, which resumes the fit and refines every tomogram; the
    broken one is reported and the exit status is 1.
-3. ``ddw refine-tomogram --dataset relion/tomograms.star`` with the model of 2.: every
-   tomogram refined again, and a ``tomograms.star`` whose reconstructed-tomogram column points
-   at the refined maps.
+3. ``ddw run --dataset relion/.../tomograms.star``: fitted and refined again from the RELION-5
+   layout, with a ``tomograms.star`` whose reconstructed-tomogram column points at the refined
+   maps; then ``ddw refine-tomogram --dataset`` of the same STAR with the model of 2.
 4. Peak memory (``ru_maxrss`` of the ``ddw`` process) of dataset runs over 2 and all
    tomograms, fitting (2 epochs) on 2 of them and on all of them.
 
@@ -143,22 +143,23 @@ def ddw(*args: object, cwd: Path | None = None, kill_when=None) -> tuple[int, fl
     return code, time.perf_counter() - started, usage.ru_maxrss / 1024, output
 
 
-def quality(truths: dict[str, Path], aretomo: Path, refined_dir: Path) -> list[dict[str, object]]:
-    """CC with the ground truth of the full tomogram and the refined one, per tomogram."""
+def quality(
+    truths: dict[str, Path], aretomo: Path, refined_dirs: dict[str, Path]
+) -> list[dict[str, object]]:
+    """CC with the ground truth of the full tomogram and each refined one, per tomogram."""
     rows = []
     for name, truth_file in sorted(truths.items()):
         truth, _ = read_volume(truth_file)
-        refined_file = refined_dir / f"{name}_refined.mrc"
         full, _ = read_volume(aretomo / f"{name}_Vol.mrc")
-        rows.append(
-            {
-                "tomogram": name,
-                "FBP (SIRT-like)": correlation_coefficient(full, truth),
-                "DeepDeWedge": correlation_coefficient(read_volume(refined_file)[0], truth)
-                if refined_file.exists()
-                else float("nan"),
-            }
-        )
+        row: dict[str, object] = {"tomogram": name, "full": correlation_coefficient(full, truth)}
+        for label, folder in refined_dirs.items():
+            refined = folder / f"{name}_refined.mrc"
+            row[label] = (
+                correlation_coefficient(read_volume(refined)[0], truth)
+                if refined.exists()
+                else float("nan")
+            )
+        rows.append(row)
     return rows
 
 
@@ -199,25 +200,32 @@ def main() -> None:
     )
 
     relion_project = root / "project_relion"
+    star_run = ("--config", config, "--dataset", "Tomograms/job010/tomograms.star")
     code_r, seconds_r, peak_r, output_r = ddw(
-        "refine-tomogram", "--config", config,
-        "--dataset", "Tomograms/job010/tomograms.star",
-        "--project-dir", relion_project, "--model-checkpoint-file", checkpoint,
-        cwd=root / "relion",
-    )  # fmt: skip
+        "run", *star_run, "--project-dir", relion_project, cwd=root / "relion"
+    )
     print(f"RELION-5: exit status {code_r} in {seconds_r:.0f} s, peak RSS {peak_r:.0f} MB")
+    print(output_r.strip().splitlines()[-4:])
+    code_m, seconds_m, _, _ = ddw(
+        "refine-tomogram", *star_run, "--project-dir", root / "project_relion_aretomo3_model",
+        "--model-checkpoint-file", checkpoint, cwd=root / "relion",
+    )  # fmt: skip
+    print(f"RELION-5 refined with the AreTomo3 run's model: exit {code_m} in {seconds_m:.0f} s")
     star = read_star(relion_project / "tomograms.star")[0]
     column = star.columns.index("rlnTomoReconstructedTomogram")
     print("tomograms.star now points at:", *(row[column] for _, row in star.rows[:2]), "...")
 
-    rows = quality(truths, root / "aretomo3", project / "refined_tomograms")
-    print("\n| tomogram | tilt range | CC FBP (SIRT-like) | CC DeepDeWedge |\n|---|---|---|---|")
+    refined_dirs = {
+        "AreTomo3 run": project / "refined_tomograms",
+        "RELION-5 run": relion_project / "refined_tomograms",
+    }
+    rows = quality(truths, root / "aretomo3", refined_dirs)
+    print("\n| tomogram | tilt range | CC full tomogram | " + " | ".join(refined_dirs) + " |")
+    print("|---|---|---|" + "---|" * len(refined_dirs))
     for i, row in enumerate(rows):
         lo, hi = TILT_RANGES[i % len(TILT_RANGES)]
-        print(
-            f"| {row['tomogram']} | {lo:g}…{hi:g}° | {row['FBP (SIRT-like)']:.3f} | "
-            f"{row['DeepDeWedge']:.3f} |"
-        )
+        cells = " | ".join(f"{row[label]:.3f}" for label in refined_dirs)
+        print(f"| {row['tomogram']} | {lo:g}…{hi:g}° | {row['full']:.3f} | {cells} |")
 
     print("\n| tomograms in the dataset | fitted on | peak RSS (MB) | seconds |\n|---|---|---|---|")
     names = sorted(truths)[:-1]  # the broken one left out
