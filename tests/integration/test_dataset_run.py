@@ -356,3 +356,24 @@ def test_a_folder_of_tilt_series_is_reconstructed_once_then_refined(tmp_path):
     result = _run("run", "--config", config, "--dataset", folder, "--project-dir", project_dir)
     assert result.exit_code == 0 and "(2 before this run)" in result.output
     assert {p: p.stat().st_mtime_ns for p in tomograms.glob("*_reconstruct.json")} == records
+
+
+def test_an_unexpected_error_in_one_tomogram_is_one_line_and_a_traceback_file(dataset, monkeypatch):
+    import deepdewedge.pipeline.refining as refining
+
+    folder, config, project = dataset
+    original = refining.refine_tomogram
+
+    def flaky(config, *, progress=None, names=None):
+        if names == ["TS_01"]:
+            raise RuntimeError("CUDA error: an illegal memory access\nwas encountered")
+        return original(config, progress=progress, names=names)
+
+    monkeypatch.setattr(refining, "refine_tomogram", flaky)
+    settings = DatasetConfig(path=str(folder), project_dir=project)
+    summary = run_dataset(settings, config_file=config)
+    assert sorted(summary.refined) == ["TS_00", "TS_02", "TS_03"]
+    reason = summary.failed["TS_01"]
+    assert "\n" not in reason and "RuntimeError: CUDA error: an illegal memory access was" in reason
+    details = state_dir(project) / "errors" / "TS_01.txt"
+    assert str(details) in reason and "Traceback" in details.read_text()

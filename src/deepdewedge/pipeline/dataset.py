@@ -40,6 +40,7 @@ from deepdewedge.pipeline.dataset_state import (
     StateWriter,
     parse_shard,
     read_state,
+    state_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,6 @@ class DatasetSummary:
     refined: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # refined before, not redone
     failed: dict[str, str] = field(default_factory=dict)  # name -> one-line reason
-    pending: list[str] = field(default_factory=list)
     outputs: dict[str, Path] = field(default_factory=dict)
 
 
@@ -109,28 +109,27 @@ def run_dataset(
     callbacks = callbacks or DatasetCallbacks()
     project_dir = Path(config.project_dir)
     shard = parse_shard(config.shard)
+    checkpoint = model_checkpoint_file
+    if checkpoint is None and not (overwrite and steps != "refine"):
+        checkpoint = _fitted_model(project_dir, any_fit=steps == "refine")
+    if checkpoint is None and steps == "refine":
+        raise InputError(
+            f"{project_dir}: no fitted model; give --model-checkpoint-file or fit first with "
+            "ddw run and the same --dataset and --project-dir"
+        )
+    if checkpoint is None and not shard.is_whole:
+        raise InputError(
+            f"{project_dir}: no fitted model for shard {shard.index}/{shard.count}; fit first "
+            "with the same ddw run command and --stop-after fit (no shard), then start the "
+            "shards"
+        )
     entries = {
         e.name: e for e in _entries(config, config_file, shard, callbacks, overwrite=overwrite)
     }
     source = config.path or str(config_file)
     writer = StateWriter(project_dir, shard, source)
     summary = DatasetSummary(checkpoint=None)
-
-    checkpoint = model_checkpoint_file
-    if checkpoint is None and not (overwrite and steps != "refine"):
-        checkpoint = _fitted_model(project_dir, any_fit=steps == "refine")
     if checkpoint is None:
-        if steps == "refine":
-            raise InputError(
-                f"{project_dir}: no fitted model; give --model-checkpoint-file or fit first "
-                "with ddw run and the same --dataset and --project-dir"
-            )
-        if not shard.is_whole:
-            raise InputError(
-                f"{project_dir}: no fitted model for shard {shard.index}/{shard.count}; fit "
-                "first with the same ddw run command and --stop-after fit (no shard), then "
-                "start the shards"
-            )
         chosen = choose_fit_on(list(entries.values()), config.fit_on, source)
         checkpoint = fit_dataset(
             chosen,
@@ -146,9 +145,11 @@ def run_dataset(
         return summary
 
     last_written = time.monotonic()
+    known = read_state(project_dir)["tomograms"]  # shards never share a tomogram
     for name in shard.take(list(entries)):
         refined = _refine_one(
             entries[name],
+            known.get(name),
             Path(checkpoint),
             project_dir,
             config_file,
@@ -263,6 +264,7 @@ def _fitted_model(project_dir: Path, *, any_fit: bool) -> Path | None:
 
 def _refine_one(
     entry: TomogramEntry,
+    known: dict[str, Any] | None,
     checkpoint: Path,
     project_dir: Path,
     config_file: Path | None,
@@ -272,13 +274,13 @@ def _refine_one(
     *,
     overwrite: bool,
 ) -> bool:
-    """Refine one tomogram unless done before; record the outcome, never raise for it.
+    """Refine one tomogram unless done before (`known`: its record); never raise for it.
 
-    Returns whether it was refined (or failed) now, not skipped.
+    Returns whether it was refined (or failed) now, not skipped. An unexpected error's
+    traceback goes to ``dataset/errors/{name}.txt``; its one-line reason to the state.
     """
     from deepdewedge.pipeline.refining import refine_tomogram
 
-    known = read_state(project_dir)["tomograms"].get(entry.name)
     if entry.error is not None:
         summary.failed[entry.name] = entry.error
         if not known or known.get("error") != entry.error:
@@ -310,9 +312,12 @@ def _refine_one(
         _fail(writer, callbacks, summary, entry, str(err))
         return True
     except Exception as err:  # noqa: BLE001 - one tomogram must not stop the others
-        log.debug("%s", traceback.format_exc())
+        details = state_dir(project_dir) / "errors" / f"{entry.name}.txt"
+        details.parent.mkdir(parents=True, exist_ok=True)
+        details.write_text(traceback.format_exc())
         reason = " ".join(str(err).split()) or type(err).__name__
-        _fail(writer, callbacks, summary, entry, f"{entry.tomo0}: {type(err).__name__}: {reason}")
+        reason = f"{entry.tomo0}: {type(err).__name__}: {reason} (details in {details})"
+        _fail(writer, callbacks, summary, entry, reason)
         return True
     writer.set_entry(
         entry,
