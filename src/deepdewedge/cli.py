@@ -653,20 +653,23 @@ def _run_dataset(
     if steps != "refine" and model_checkpoint_file is None:
         fit_config = step_config("fit_model", config_file=config_file)
         fit_callbacks, fit_bars = _fit_callbacks(fit_config.num_epochs)  # type: ignore[attr-defined]
-    tiles = tqdm(desc="refining", unit="tile", dynamic_ncols=True, delay=1)
+    # The tile bar appears with the first tomogram refined, not during the fit.
+    tiles: list[tqdm] = []
 
     def on_tiles(done: int, total: int) -> None:
-        tiles.total = total
-        tiles.n = done
-        tiles.refresh()
+        if not tiles:
+            tiles.append(tqdm(desc="refining", unit="tile", dynamic_ncols=True))
+        tiles[0].total = total
+        tiles[0].n = done
+        tiles[0].refresh()
 
     def on_tomogram(name: str, record: dict[str, Any]) -> None:
-        if record["status"] == "running":
-            tiles.set_description(f"refining {name}")
+        if record["status"] == "running" and tiles:
+            tiles[0].set_description(f"refining {name}")
         elif record["status"] == "refined":
-            tiles.write(f"{name}: refined in {record['seconds']['refine']:.0f} s")
+            tqdm.write(f"{name}: refined in {record['seconds']['refine']:.0f} s")
         elif record["status"] == "failed":
-            tiles.write(f"{name}: FAILED: {record['error']}")
+            tqdm.write(f"{name}: FAILED: {record['error']}")
 
     try:
         summary = run_dataset(
@@ -676,11 +679,11 @@ def _run_dataset(
             steps=steps,  # type: ignore[arg-type]
             overwrite=overwrite,
             callbacks=DatasetCallbacks(
-                fit=fit_callbacks, message=tiles.write, tiles=on_tiles, tomogram=on_tomogram
+                fit=fit_callbacks, message=tqdm.write, tiles=on_tiles, tomogram=on_tomogram
             ),
         )
     finally:
-        for bar in [*fit_bars, tiles]:
+        for bar in [*fit_bars, *tiles]:
             bar.close()
     typer.echo(f"model: {summary.checkpoint}")
     if steps == "fit":
