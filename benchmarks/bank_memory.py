@@ -26,53 +26,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from memory_sampler import Sampler, status_kib
 
 MIB = 1 << 20
-
-
-def _status_kib(fields: tuple[str, ...]) -> dict[str, int]:
-    """Values (KiB) of `fields` in /proc/self/status."""
-    values = {}
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            name, _, rest = line.partition(":")
-            if name in fields:
-                values[name] = int(rest.split()[0])
-    return values
-
-
-class Sampler(threading.Thread):
-    """Track the peaks of RssAnon and RssFile in a background thread."""
-
-    FIELDS = ("RssAnon", "RssFile")
-
-    def __init__(self, interval_s: float = 0.002) -> None:
-        super().__init__(daemon=True)
-        self.interval_s = interval_s
-        self.peak = dict.fromkeys(self.FIELDS, 0)
-        self.lock = threading.Lock()
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            now = _status_kib(self.FIELDS)
-            with self.lock:
-                for name, value in now.items():
-                    self.peak[name] = max(self.peak[name], value)
-            time.sleep(self.interval_s)
-
-    def take(self) -> dict[str, int]:
-        """The peaks (KiB) since the last call, sampled once more now."""
-        now = _status_kib(self.FIELDS)
-        with self.lock:
-            peak = {name: max(self.peak[name], now[name]) for name in self.FIELDS}
-            self.peak = now
-        return peak
 
 
 def write_halves(folder: Path, n: int, shape: tuple[int, int, int]) -> list[tuple[Path, Path]]:
@@ -130,7 +90,7 @@ def _child(spec: dict) -> dict:
     )
     sampler = Sampler()
     sampler.start()
-    base = _status_kib(Sampler.FIELDS)
+    base = status_kib(Sampler.FIELDS)
     sampler.take()
     started = time.perf_counter()
     prepare_data(prepare)

@@ -28,12 +28,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from memory_sampler import Sampler, status_kib
 
 from deepdewedge.config import UNetParams, step_config
 from deepdewedge.io.checkpoint import save_checkpoint
@@ -42,33 +42,6 @@ from deepdewedge.pipeline.fitting import build_model
 from deepdewedge.pipeline.refining import refine_tomogram
 
 MIB = 1 << 20
-
-
-def _status_kib(fields: tuple[str, ...]) -> dict[str, int]:
-    """Values (KiB) of `fields` in /proc/self/status."""
-    values = {}
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            name, _, rest = line.partition(":")
-            if name in fields:
-                values[name] = int(rest.split()[0])
-    return values
-
-
-class Sampler(threading.Thread):
-    """Track the peaks of RssAnon and RssFile in a background thread."""
-
-    def __init__(self, interval_s: float = 0.01) -> None:
-        super().__init__(daemon=True)
-        self.interval_s = interval_s
-        self.peak = {"RssAnon": 0, "RssFile": 0}
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            for name, value in _status_kib(tuple(self.peak)).items():
-                self.peak[name] = max(self.peak[name], value)
-            time.sleep(self.interval_s)
 
 
 def make_halves(folder: Path, shape: tuple[int, int, int]) -> None:
@@ -142,8 +115,8 @@ def measure(args: argparse.Namespace, folder: Path) -> None:
         },
     )
 
-    base = _status_kib(("VmRSS", "RssAnon", "RssFile"))
-    sampler = Sampler()
+    base = status_kib(("VmRSS", "RssAnon", "RssFile"))
+    sampler = Sampler(interval_s=0.01)
     sampler.start()
     started = time.perf_counter()
     refine_tomogram(config)  # type: ignore[arg-type]

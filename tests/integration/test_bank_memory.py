@@ -10,6 +10,9 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bank_memory.py"
 
 
 def _benchmark():
+    # The script imports its sibling memory_sampler, as it does when run from benchmarks/.
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.append(str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("bank_memory_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
