@@ -111,7 +111,7 @@ def run_dataset(
     shard = parse_shard(config.shard)
     checkpoint = model_checkpoint_file
     if checkpoint is None and not (overwrite and steps != "refine"):
-        checkpoint = _fitted_model(project_dir, any_fit=steps == "refine")
+        checkpoint = _fitted_model(project_dir, config_file, any_fit=steps == "refine")
     if checkpoint is None and steps == "refine":
         raise InputError(
             f"{project_dir}: no fitted model; give --model-checkpoint-file or fit first with "
@@ -245,19 +245,22 @@ def _checked(entry: TomogramEntry) -> TomogramEntry:
     return entry
 
 
-def _fitted_model(project_dir: Path, *, any_fit: bool) -> Path | None:
+def _fitted_model(project_dir: Path, config_file: Path | None, *, any_fit: bool) -> Path | None:
     """The checkpoint of the finished fit recorded in the state, if it still exists.
 
-    With `any_fit`, else the best checkpoint of a fit made in `project_dir` by other means
-    (``ddw fit-model``).
+    With `any_fit`, else the best checkpoint of a fit made in the project's ``logdir`` by
+    other means (``ddw fit-model``).
     """
     fit = read_state(project_dir)["fit"]
     if fit and fit.get("status") == "done" and Path(fit["checkpoint"]).exists():
         return Path(fit["checkpoint"])
     if any_fit:
-        from deepdewedge.pipeline.fitting import best_checkpoint
+        from deepdewedge.pipeline.fitting import best_checkpoint, log_dir
 
-        checkpoint = best_checkpoint(project_dir / "logs" / "checkpoints")
+        fit_config = step_config(
+            "fit_model", config_file=config_file, overrides={"project_dir": project_dir}
+        )
+        checkpoint = best_checkpoint(log_dir(fit_config) / "checkpoints")  # type: ignore[arg-type]
         return checkpoint if checkpoint.exists() else None
     return None
 
