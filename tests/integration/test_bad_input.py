@@ -447,6 +447,20 @@ def test_fit_subtomo_size_not_divisible_by_the_prepared_size(env):
     _fails(env, args, f"error: {env / 'proj/subtomos'}: ", "divisible by", "choose e.g. 16")
 
 
+def test_early_stopping_without_validation_sub_tomograms(tmp_path):
+    t0, t1 = _halves(tmp_path)
+    project = tmp_path / "proj"
+    args = tuple(0 if a == 0.2 else a for a in _prepare_args(project, t0, t1))
+    assert _invoke(*args).exit_code == 0
+    _fails(
+        tmp_path,
+        _fit_args(project, 2, "--early-stopping-patience", 3),
+        f"error: {project / 'subtomos'}: ",
+        "early_stopping_patience needs validation sub-tomograms",
+        "val_fraction > 0",
+    )
+
+
 # -------------------------------------------------------------------------- interrupted fit
 
 

@@ -167,6 +167,28 @@ class FitModelConfig(_Step):
     batch_size: int = Field(
         5, ge=1, description="Sub-tomogram pairs per step (over all processes)."
     )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="Learning rate over the fit: constant (adam_params_dict.lr throughout), or "
+        "cosine (linear warm-up to adam_params_dict.lr, then half a cosine down to 1% of it "
+        "at num_epochs).",
+    )
+    lr_warmup_epochs: int | None = Field(
+        None, ge=0, description="Warm-up epochs of the cosine schedule; default: 5% of num_epochs."
+    )
+    ema_half_life_epochs: float | None = Field(
+        None,
+        gt=0,
+        description="Average the network's weights over the fit, a step counting half as much "
+        "this many epochs later; validation, missing-wedge updates and checkpoints use the "
+        "average. null: no averaging.",
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop the fit after this many epochs without a lower validation loss; "
+        "null: run all num_epochs.",
+    )
     update_subtomo_missing_wedges_every_n_epochs: int | None = Field(
         10,
         ge=1,

@@ -17,6 +17,14 @@ from torch.nn.parallel import DistributedDataParallel
 from deepdewedge.fit.bank_files import load_input_bank, write_filled_bank
 from deepdewedge.fit.checkpoints import CheckpointWriter, check_compatible, check_same_banks
 from deepdewedge.fit.distributed import DistContext
+from deepdewedge.fit.schedule import (
+    WeightAverage,
+    averaged,
+    lr_factor,
+    patience_exhausted,
+    set_learning_rate,
+    warmup_epochs,
+)
 from deepdewedge.fit.step import (
     STATS_SEED_OFFSET,
     VAL_SEED_OFFSET,
@@ -240,10 +248,13 @@ def fit(
     history: list[dict[str, Any]] = []
     start_epoch = 0
     bank_file = None
+    state: dict[str, Any] = {}
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         check_compatible(state, model, resume_from)
-        model.load_state_dict(state["model_state"])
+        # With weight averaging, "model_state" holds the average (what refinement uses) and
+        # "fitted_model_state" the weights the optimiser moves.
+        model.load_state_dict(state.get("fitted_model_state", state["model_state"]))
         optimizer.load_state_dict(state["optimizer_state"])
         generator.set_state(state["generator_state"])
         torch.set_rng_state(state["torch_rng_state"])
@@ -270,6 +281,13 @@ def fit(
         model.set_normalization(*model_input_statistics(banks, settings, mw_mask, dist))
     n_fit = len(banks.fit0)
     steps = math.ceil(n_fit / settings.batch_size)
+    peak_lr = settings.adam_params["lr"]
+    warmup_steps = steps * warmup_epochs(settings.lr_warmup_epochs, settings.num_epochs)
+    average = None
+    if settings.ema_half_life_epochs:
+        average = WeightAverage(model, settings.ema_half_life_epochs * steps)
+        if state.get("weight_average") is not None:
+            average.load_state_dict(state["weight_average"])
     if dist.is_main and dist.world_size > 1 and settings.batch_size % dist.world_size:
         log.warning(
             "batch_size %d is the batch of all %d processes together and does not divide "
@@ -284,6 +302,10 @@ def fit(
     total = 0.0
     model.train()
     for epoch in range(start_epoch, settings.num_epochs):
+        if patience_exhausted(history, settings.early_stopping_patience):
+            if dist.is_main:
+                _log_early_stop(history, settings.early_stopping_patience)
+            break
         if (
             settings.update_every
             and settings.wedge_mask
@@ -291,7 +313,8 @@ def fit(
             and epoch % settings.update_every == 0
         ):
             bank_file = writer.bank_name(epoch)
-            _update_input_banks(model, banks, settings, dist, checkpoint_dir / bank_file)
+            with averaged(average, model):
+                _update_input_banks(model, banks, settings, dist, checkpoint_dir / bank_file)
             # Filled wedges carry signal: the inputs' statistics change with the bank.
             model.set_normalization(*model_input_statistics(banks, settings, mw_mask, dist))
         order = torch.randperm(n_fit, generator=generator).to(banks.fit0.device)
@@ -306,6 +329,13 @@ def fit(
             scale = dist.world_size * (hi - lo) / len(idx)
             part = slice(lo, hi) if hi > lo else slice(0, 1)
             optimizer.zero_grad(set_to_none=True)
+            factor = lr_factor(
+                epoch * steps + step,
+                total_steps=settings.num_epochs * steps,
+                warmup_steps=warmup_steps,
+                schedule=settings.lr_schedule,
+            )
+            set_learning_rate(optimizer, peak_lr * factor)
             loss = accumulate_gradients(
                 train_module,
                 rows_on_device(banks.fit0, idx[part], device),
@@ -317,6 +347,8 @@ def fit(
                 tilt_ranges=row_tilt_ranges(banks.fit_tilt_ranges, idx[part], device),
             )
             optimizer.step()
+            if average is not None:
+                average.update(model)
             running += loss
             if step == 0 or (step + 1) % sync_every == 0 or step + 1 == steps:
                 total = float(dist.all_reduce_sum(running)) / dist.world_size
@@ -334,7 +366,8 @@ def fit(
             "val_loss": None,
         }
         if banks.val0 is not None and (epoch + 1) % settings.check_val_every == 0:
-            record["val_loss"] = validation_loss(model, banks, settings, mw_mask, dist)
+            with averaged(average, model):
+                record["val_loss"] = validation_loss(model, banks, settings, mw_mask, dist)
         history.append(record)
         if (
             dist.is_main
@@ -348,8 +381,12 @@ def fit(
                 history[0]["fitting_loss"],
             )
         if dist.is_main:
+            model_state = model.state_dict()
+            if average is not None:
+                with average.applied(model):
+                    model_state = {k: v.clone() for k, v in model.state_dict().items()}
             state = {
-                "model_state": model.state_dict(),
+                "model_state": model_state,
                 "optimizer_state": optimizer.state_dict(),
                 "generator_state": generator.get_state(),
                 "torch_rng_state": torch.get_rng_state(),
@@ -360,12 +397,28 @@ def fit(
                 "history": history,
                 "bank_file": bank_file,
             }
+            if average is not None:
+                state["fitted_model_state"] = model.state_dict()
+                state["weight_average"] = average.state_dict()
             writer.write(state, record)
             if callbacks.on_epoch is not None:
                 callbacks.on_epoch(record, history)
     dist.barrier()  # rank 0 has written the last checkpoint
+    if average is not None:  # the fit's result is the average, as in its checkpoints
+        average.copy_to(model)
     model.eval()
     return history
+
+
+def _log_early_stop(history: list[dict[str, Any]], patience: int | None) -> None:
+    best = min((r for r in history if r["val_loss"] is not None), key=lambda r: r["val_loss"])
+    log.info(
+        "stopped after epoch %d: no lower validation loss in %d epochs (lowest %.6g at epoch %d)",
+        history[-1]["epoch"],
+        patience,
+        best["val_loss"],
+        best["epoch"],
+    )
 
 
 def _place_banks(banks: Banks, device: torch.device) -> None:

@@ -53,6 +53,14 @@ class FitSettings:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # Tilt range of an asymmetric missing wedge; when given, it defines the wedge, not mw_angle.
     tilt_range_deg: tuple[float, float] | None = None
+    # Learning rate over the fit: "constant", or "cosine" (warm-up, then cosine decay).
+    lr_schedule: str = "constant"
+    # Warm-up epochs of the cosine schedule; None: 5% of the fit.
+    lr_warmup_epochs: int | None = None
+    # Half-life in epochs of the weight average the checkpoints hold; None: no averaging.
+    ema_half_life_epochs: float | None = None
+    # Stop after this many epochs without a lower validation loss; None: never.
+    early_stopping_patience: int | None = None
 
     @property
     def wedge(self) -> dict[str, Any]:

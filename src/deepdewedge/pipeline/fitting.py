@@ -88,6 +88,11 @@ def _fit_model(
     tomo_ranges = _tilt_ranges_of_banks(meta, banks, tilt_range, subtomo_dir(config))
     if tomo_ranges is not None and dist.is_main:
         log.info("the tomograms' tilt ranges differ: each sub-tomogram has its own wedge")
+    if config.early_stopping_patience and banks.val1 is None:
+        raise InputError(
+            f"{subtomo_dir(config)}: early_stopping_patience needs validation sub-tomograms; "
+            "prepare the data with val_fraction > 0, or leave early_stopping_patience out"
+        )
     unet_params = config.unet_params_dict.model_dump(exclude={"in_chans", "out_chans"})
     try:
         check_divisible(subtomo_size, 2 ** unet_params["num_downsample_layers"])
@@ -148,6 +153,10 @@ def _fit_model(
         channels_last=config.channels_last,
         compile=config.compile,
         device=device,
+        lr_schedule=config.lr_schedule,
+        lr_warmup_epochs=config.lr_warmup_epochs,
+        ema_half_life_epochs=config.ema_half_life_epochs,
+        early_stopping_patience=config.early_stopping_patience,
     )
     extra = {
         **provenance(config),
