@@ -17,9 +17,10 @@ Fit variants (``--variants``):
   the cluster grows around a random window, as before the fix.
 * ``previous``: both of the above (the defaults before the fixes).
 * ``residual``: ``unet_params_dict.residual: true``.
-* ``onecycle`` / ``onecycle-ema``: ``--short-epochs`` epochs (default 20) with the
-  learning-rate schedule (linear warm-up, cosine decay), without and with weight averaging.
-* ``short``: ``--short-epochs`` epochs of the defaults (the schedule's baseline).
+* ``short``: ``--short-epochs`` epochs (default 20) of the defaults.
+* ``cosine``, ``cosine-ema``, ``cosine-2x``: ``--short-epochs`` epochs with the cosine
+  learning-rate schedule (``lr_schedule: cosine``); with a weight average of a 2-epoch
+  half-life (``ema_half_life_epochs: 2``); with twice the peak learning rate.
 
 Refinement variants, of ``defaults``: ``mask_tile_wedges`` and ``fitting statistics``
 (``recompute_normalization: false``); of ``residual``: both statistics. The earlier
@@ -53,6 +54,7 @@ from quality import MW_ANGLE_DEG, PROFILES
 from deepdewedge import pipeline
 from deepdewedge.config import step_config
 from deepdewedge.fit.bank import SubtomoSelection, _mask_fractions
+from deepdewedge.fit.schedule import patience_exhausted
 from deepdewedge.fit.wedge_update import _pad_to_multiple
 from deepdewedge.fourier import missing_wedge_mask
 from deepdewedge.io.mrc import read_volume
@@ -78,6 +80,7 @@ class FitVariant:
     old_update_input: bool = False
     old_val_split: bool = False
     short: bool = False
+    lr_factor: float = 1.0
     curve: bool = False
 
 
@@ -101,8 +104,11 @@ VARIANTS = {
         fit={"unet_params_dict": {"residual": True}}, refines=OWN_AND_FITTING_STATS
     ),
     "short": FitVariant(short=True),
-    "onecycle": FitVariant(fit={"lr_schedule": "onecycle"}, short=True),
-    "onecycle-ema": FitVariant(fit={"lr_schedule": "onecycle", "ema_decay": 0.999}, short=True),
+    "cosine": FitVariant(fit={"lr_schedule": "cosine"}, short=True),
+    "cosine-ema": FitVariant(
+        fit={"lr_schedule": "cosine", "ema_half_life_epochs": 2.0}, short=True
+    ),
+    "cosine-2x": FitVariant(fit={"lr_schedule": "cosine"}, short=True, lr_factor=2.0),
 }
 
 
@@ -243,7 +249,7 @@ def fit_variant(
         "subtomo_dir": subtomo_dir,
         "logdir": root / f"logs_{name}",
         "gpu": profile["gpu"],
-        "adam_params_dict": {"lr": profile["lr"]},
+        "adam_params_dict": {"lr": profile["lr"] * variant.lr_factor},
         "num_epochs": args.short_epochs if variant.short else profile["epochs"],
         "batch_size": profile["batch_size"],
         "check_val_every_n_epochs": 1,
@@ -344,6 +350,59 @@ def run_variant(name, variant, snr, seed, profile, root, args) -> tuple[list[dic
     return out, curve
 
 
+def replay_early_stopping(
+    output: Path, curves: list[dict], patiences: list[int], profile: dict
+) -> list[dict]:
+    """Where ``early_stopping_patience`` would have stopped each ``defaults`` fit, and its CC.
+
+    A stop changes nothing before it, so the fit that stops at epoch e is the ``defaults``
+    fit up to e: its checkpoint of that epoch is refined and scored. Also scored: the
+    checkpoint of lowest validation loss up to the stop (what ``ddw refine-tomogram`` takes
+    by default). The best CC seen is the highest of the CC-against-epochs curve and these.
+    """
+    rows = []
+    for snr, seed in sorted({(r["snr"], r["seed"]) for r in curves}, key=lambda k: (-k[0], k[1])):
+        curve = sorted(
+            (r for r in curves if r["snr"] == snr and r["seed"] == seed and r["fit"] == "defaults"),
+            key=lambda r: r["epoch"],
+        )
+        root = output / f"snr{snr:.3f}_seed{seed}"
+        data = prepared(root, snr, seed, profile)
+        gt, _ = read_volume(data["ground_truth"])
+        history = [{"epoch": r["epoch"] - 1, "val_loss": r["val_loss"]} for r in curve]
+        seen = {r["epoch"] - 1: r["cc"] for r in curve if math.isfinite(r.get("cc", math.nan))}
+
+        def cc_at(epoch: int, root=root, data=data, seed=seed, gt=gt, seen=seen) -> float:
+            if epoch not in seen:
+                ckpt = root / "logs_defaults" / "checkpoints" / f"epoch={epoch:05d}.ckpt"
+                vol, _ = read_volume(refine(root, data, seed, profile, ckpt, "replay", {}))
+                seen[epoch] = correlation_coefficient(vol, gt)
+            return seen[epoch]
+
+        for patience in patiences:
+            stop = next(
+                (e for e in range(len(history)) if patience_exhausted(history[: e + 1], patience)),
+                len(history) - 1,
+            )
+            best_val = min(history[: stop + 1], key=lambda r: r["val_loss"])["epoch"]
+            rows.append(
+                {
+                    "snr": snr,
+                    "seed": seed,
+                    "patience": patience,
+                    "stop_epoch": stop + 1,
+                    "cc_at_stop": cc_at(stop),
+                    "best_val_epoch": best_val + 1,
+                    "cc_at_best_val": cc_at(best_val),
+                }
+            )
+        for row in rows:
+            if row["snr"] == snr and row["seed"] == seed:
+                row["best_cc_seen"] = max(seen.values())
+                row["best_cc_epoch"] = max(seen, key=seen.__getitem__) + 1
+    return rows
+
+
 def read_csv(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -387,6 +446,16 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_rows(rows: list[dict]) -> str:
+    """A markdown table of `rows` as they are, floats to three decimals."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
@@ -397,6 +466,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--short-epochs", type=int, default=20)
     parser.add_argument("--curve-every", type=int, default=5)
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("ablation_results"))
+    parser.add_argument(
+        "--replay-early-stopping",
+        type=int,
+        nargs="+",
+        metavar="PATIENCE",
+        help="only replay early stopping with these patiences on the finished defaults fits",
+    )
     args = parser.parse_args(argv)
     profile = dict(PROFILES[args.profile])
     if args.epochs is not None:
@@ -409,6 +485,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = read_csv(args.output / "ablation.csv")
     curves = read_csv(args.output / "epochs.csv")
+    if args.replay_early_stopping:
+        stops = replay_early_stopping(args.output, curves, args.replay_early_stopping, profile)
+        write_csv(args.output / "early_stopping.csv", stops)
+        print(markdown_rows(stops))
+        return
     done = {(r["snr"], r["seed"], r["fit"]) for r in rows}
     for seed in range(args.seeds):
         for snr in args.snr:
