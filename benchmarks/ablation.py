@@ -21,6 +21,8 @@ Fit variants (``--variants``):
 * ``cosine``, ``cosine-ema``, ``cosine-2x``: ``--short-epochs`` epochs with the cosine
   learning-rate schedule (``lr_schedule: cosine``); with a weight average of a 2-epoch
   half-life (``ema_half_life_epochs: 2``); with twice the peak learning rate.
+* ``short-update5``, ``cosine-update5``: ``--short-epochs`` epochs with a missing-wedge
+  update every 5 epochs (as many updates as the defaults make in 40), constant and cosine.
 
 Refinement variants, of ``defaults``: ``mask_tile_wedges`` and ``fitting statistics``
 (``recompute_normalization: false``); of ``residual``: both statistics. The earlier
@@ -109,6 +111,14 @@ VARIANTS = {
         fit={"lr_schedule": "cosine", "ema_half_life_epochs": 2.0}, short=True
     ),
     "cosine-2x": FitVariant(fit={"lr_schedule": "cosine"}, short=True, lr_factor=2.0),
+    # As many missing-wedge updates as the 40-epoch defaults make, in half the epochs.
+    "short-update5": FitVariant(
+        fit={"update_subtomo_missing_wedges_every_n_epochs": 5}, short=True
+    ),
+    "cosine-update5": FitVariant(
+        fit={"lr_schedule": "cosine", "update_subtomo_missing_wedges_every_n_epochs": 5},
+        short=True,
+    ),
 }
 
 

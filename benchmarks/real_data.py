@@ -23,7 +23,8 @@ With ``--holdout every:4`` the script instead runs a fourth measurement only: bi
 defaults, those views held out of every tomogram, noise2noise-only and DeepDeWedge fitted as
 in 3., and each of the full tomogram (FBP), noise2noise-only and DeepDeWedge scored by its
 reprojections against the held-out views (``ddw score-heldout``: mean CC and FRC), the score
-for real data, where there is no ground truth.
+for real data, where there is no ground truth. ``--variants`` adds the residual network and
+the refinement choices of the ablation (``benchmarks/ablation.py``) to that score.
 
 Prints one table, writes ``real_data.csv``, ``real_data_orthoslices.png`` (FBP,
 noise2noise-only, DeepDeWedge), ``real_data_gold.png`` (DeepDeWedge with and without gold
@@ -123,30 +124,39 @@ def reconstruct(testdata: Path, out: Path, *, bin: int, alignment: str = "xf", *
 
 
 def fit_and_refine(tomos: dict, root: Path, *, epochs: int, methods: dict) -> dict:
-    """Prepare once, fit each method, refine the halves with it; paths of the refined maps."""
+    """Prepare once, fit each method, refine the halves with it; paths of the refined maps.
+
+    `methods` maps a name to ``(fit options, checkpoint, refinements)``, the last mapping a
+    label (added to the name; "" for the plain refinement) to refinement options.
+    """
     shared = {"project_dir": root, "seed": 42, "subtomo_size": 32, "mw_angle": 60}
     halves = {"tomo0_files": [tomos["tomo0"]], "tomo1_files": [tomos["tomo1"]]}
-    refined = {
-        method: root / "refined" / method / "00254.stack_tomo0+00254.stack_tomo1_refined.mrc"
-        for method in methods
+    stem = "00254.stack_tomo0+00254.stack_tomo1_refined.mrc"
+    jobs = {
+        (method, label): root / "refined" / _label(method, label).replace(", ", "_") / stem
+        for method, (_, _, refines) in methods.items()
+        for label in refines
     }
+    refined = {_label(m, label): path for (m, label), path in jobs.items()}
     if all(path.exists() for path in refined.values()):
         return refined
-    pipeline.prepare_data(
-        step_config(
-            "prepare_data",
-            overrides={
-                **shared,
-                **halves,
-                "subtomo_extraction_strides": [24, 32, 32],
-                "val_fraction": 0.1,
-                "overwrite": True,
-            },
+    if not (root / "subtomos" / "metadata.json").exists():
+        pipeline.prepare_data(
+            step_config(
+                "prepare_data",
+                overrides={
+                    **shared,
+                    **halves,
+                    "subtomo_extraction_strides": [24, 32, 32],
+                    "val_fraction": 0.1,
+                    "overwrite": True,
+                },
+            )
         )
-    )
-    for method, (switches, checkpoint) in methods.items():
-        if refined[method].exists():
+    for method, (switches, checkpoint, refines) in methods.items():
+        if all(jobs[method, label].exists() for label in refines):
             continue
+        unet = {**FIT["unet_params_dict"], **switches.get("unet_params_dict", {})}
         fitted = pipeline.fit_model(
             step_config(
                 "fit_model",
@@ -154,38 +164,73 @@ def fit_and_refine(tomos: dict, root: Path, *, epochs: int, methods: dict) -> di
                     **shared,
                     **FIT,
                     **switches,
+                    "unet_params_dict": unet,
                     "num_epochs": epochs,
                     "logdir": root / f"logs_{method}",
                     "overwrite": True,
                 },
             )
         )
-        (refined[method],) = pipeline.refine_tomogram(
-            step_config(
-                "refine_tomogram",
-                overrides={
-                    **shared,
-                    **halves,
-                    "model_checkpoint_file": fitted[checkpoint],
-                    "output_dir": refined[method].parent,
-                    "overwrite": True,
-                },
+        for label, options in refines.items():
+            (refined[_label(method, label)],) = pipeline.refine_tomogram(
+                step_config(
+                    "refine_tomogram",
+                    overrides={
+                        **shared,
+                        **halves,
+                        **options,
+                        "model_checkpoint_file": fitted[checkpoint],
+                        "output_dir": jobs[method, label].parent,
+                        "overwrite": True,
+                    },
+                )
             )
-        )
     return refined
 
 
-def heldout_score(testdata: Path, out: Path, scheme: str, epochs: int, record) -> None:
-    """Bin 4 with `scheme` views held out: FBP, noise2noise-only and DeepDeWedge scored."""
+def _label(method: str, label: str) -> str:
+    return f"{method}, {label}" if label else method
+
+
+PLAIN = {"": {}}
+# The refinement and normalisation choices of docs/evaluation.md ("Ablation"), on real data.
+HELDOUT_VARIANTS = {
+    "DeepDeWedge": (
+        {},
+        "checkpoint",
+        {
+            "": {},
+            "mask_tile_wedges": {"mask_tile_wedges": True},
+            "fitting statistics": {"recompute_normalization": False},
+        },
+    ),
+    "DeepDeWedge residual": (
+        {"unet_params_dict": {"residual": True}},
+        "checkpoint",
+        {"": {}, "fitting statistics": {"recompute_normalization": False}},
+    ),
+}
+
+
+def heldout_score(
+    testdata: Path, out: Path, scheme: str, epochs: int, record, variants: bool = False
+) -> None:
+    """Bin 4 with `scheme` views held out: FBP, noise2noise-only and DeepDeWedge scored.
+
+    With `variants`, also the residual network and the refinement choices of
+    :data:`HELDOUT_VARIANTS`.
+    """
     from deepdewedge.pipeline.heldout import score_heldout
 
     t0 = time.perf_counter()
     root = out / f"bin_4_holdout_{scheme.replace(':', '')}"
     tomos = reconstruct(testdata, root / "tomograms", bin=4, holdout=scheme)
     methods = {
-        "noise2noise-only": ({"rotate": False, "wedge_mask": False}, "best_checkpoint"),
-        "DeepDeWedge": ({}, "checkpoint"),
+        "noise2noise-only": ({"rotate": False, "wedge_mask": False}, "best_checkpoint", PLAIN),
+        "DeepDeWedge": ({}, "checkpoint", PLAIN),
     }
+    if variants:
+        methods |= HELDOUT_VARIANTS
     refined = fit_and_refine(tomos, root, epochs=epochs, methods=methods)
     volumes = {"FBP": tomos["full"], **refined}
     scores = score_heldout(
@@ -214,6 +259,11 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/real_data_results"))
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--holdout", help="only the held-out-view score, e.g. every:4")
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="with --holdout: also score the residual network and the refinement choices",
+    )
     args = parser.parse_args()
     out = args.output
     testdata = args.testdata or fetch_testdata(out / "download")
@@ -225,7 +275,7 @@ def main() -> None:
 
     print(f"{'step':<42} {'measure':<34} {'value':>8} {'time':>10}")
     if args.holdout:
-        heldout_score(testdata, out, args.holdout, args.epochs, record)
+        heldout_score(testdata, out, args.holdout, args.epochs, record, args.variants)
         write_csv(out / "real_data_heldout.csv", rows)
         return
     volumes = {}
@@ -259,11 +309,15 @@ def main() -> None:
             "bin 4, defaults",
             {},
             {
-                "noise2noise-only": ({"rotate": False, "wedge_mask": False}, "best_checkpoint"),
-                "DeepDeWedge": ({}, "checkpoint"),
+                "noise2noise-only": (
+                    {"rotate": False, "wedge_mask": False},
+                    "best_checkpoint",
+                    PLAIN,
+                ),
+                "DeepDeWedge": ({}, "checkpoint", PLAIN),
             },
         ),
-        ("bin 4, gold kept", {"erase_gold": False}, {"DeepDeWedge": ({}, "checkpoint")}),
+        ("bin 4, gold kept", {"erase_gold": False}, {"DeepDeWedge": ({}, "checkpoint", PLAIN)}),
     ):
         t0 = time.perf_counter()
         root = out / name.replace(", ", "_").replace(" ", "_")
