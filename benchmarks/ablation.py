@@ -470,7 +470,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--snr", type=float, nargs="+", default=[1 / 2, 1 / 4, 1 / 6])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="runs per SNR (seeds 0, 1, ...)")
+    parser.add_argument("--seed", type=int, help="run this seed only (to share out the runs)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=None, help="override the profile's")
     parser.add_argument("--short-epochs", type=int, default=20)
@@ -501,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown_rows(stops))
         return
     done = {(r["snr"], r["seed"], r["fit"]) for r in rows}
-    for seed in range(args.seeds):
+    for seed in [args.seed] if args.seed is not None else range(args.seeds):
         for snr in args.snr:
             root = args.output / f"snr{snr:.3f}_seed{seed}"
             for name in args.variants:
