@@ -61,7 +61,7 @@ from deepdewedge.fit.wedge_update import _pad_to_multiple
 from deepdewedge.fourier import missing_wedge_mask
 from deepdewedge.io.mrc import read_volume
 from deepdewedge.metrics import cc_inside_wedge, cc_outside_wedge, correlation_coefficient
-from deepdewedge.pipeline.common import write_csv
+from deepdewedge.pipeline.common import save_figure, write_csv
 from deepdewedge.pipeline.evaluation import evaluate
 from deepdewedge.pipeline.simulation import simulate, simulate_config
 from deepdewedge.tiling import grid_starts
@@ -456,6 +456,34 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def epochs_figure(curves: list[dict], rows: list[dict], short_epochs: int, path: Path) -> None:
+    """CC against epochs of the defaults (mean over seeds), one panel per SNR; the
+    short-fit variants as points at their last epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    snrs = sorted({r["snr"] for r in curves}, reverse=True)
+    fig, axes = plt.subplots(1, len(snrs), figsize=(4 * len(snrs), 3.2), squeeze=False)
+    for ax, snr in zip(axes[0], snrs, strict=True):
+        points = [r for r in curves if r["snr"] == snr and math.isfinite(r["cc"])]
+        epochs = sorted({r["epoch"] for r in points})
+        mean = [np.mean([r["cc"] for r in points if r["epoch"] == e]) for e in epochs]
+        ax.plot(epochs, mean, "o-", label="defaults (constant lr)")
+        for name in [n for n, v in VARIANTS.items() if v.short]:
+            group = [r["cc"] for r in rows if r["snr"] == snr and r["fit"] == name]
+            if group:
+                ax.plot(short_epochs, np.mean(group), "s", label=f"{name} ({len(group)})")
+        ax.set_title(f"SNR 1/{1 / snr:.0f}", fontsize=10)
+        ax.set_xlabel("epochs")
+    axes[0][0].set_ylabel("CC with ground truth")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
 def markdown_rows(rows: list[dict]) -> str:
     """A markdown table of `rows` as they are, floats to three decimals."""
     keys = list(rows[0])
@@ -521,6 +549,8 @@ def main(argv: list[str] | None = None) -> None:
                     + f" ({time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )
+    if curves:
+        epochs_figure(curves, rows, args.short_epochs, args.output / "epochs.png")
     print(f"\n{summary_table(rows)}\n")
 
 
