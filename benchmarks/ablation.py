@@ -456,6 +456,30 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(rows: list[dict], reference: str = "defaults") -> str:
+    """Per SNR and variant: mean CC difference to `reference` on the same data and seed,
+    and in how many runs the variant is ahead."""
+    lines = ["| SNR | variant | ΔCC (mean, worst–best) | ahead in |", "|---|---|---|---|"]
+    variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v not in (reference,)]
+    for snr in sorted({r["snr"] for r in rows}, reverse=True):
+        base = {r["seed"]: r["cc"] for r in rows if r["snr"] == snr and r["variant"] == reference}
+        for variant in variants:
+            diffs = np.array(
+                [
+                    r["cc"] - base[r["seed"]]
+                    for r in rows
+                    if r["snr"] == snr and r["variant"] == variant and r["seed"] in base
+                ]
+            )
+            if len(diffs):
+                lines.append(
+                    f"| 1/{1 / snr:.0f} | {variant} | {diffs.mean():+.3f} "
+                    f"({diffs.min():+.3f}–{diffs.max():+.3f}) "
+                    f"| {(diffs > 0).sum()} of {len(diffs)} |"
+                )
+    return "\n".join(lines)
+
+
 def epochs_figure(curves: list[dict], rows: list[dict], short_epochs: int, path: Path) -> None:
     """CC against epochs of the defaults (mean over seeds), one panel per SNR; the
     short-fit variants as points at their last epoch."""
@@ -551,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
     if curves:
         epochs_figure(curves, rows, args.short_epochs, args.output / "epochs.png")
-    print(f"\n{summary_table(rows)}\n")
+    print(f"\n{summary_table(rows)}\n\n{paired_table(rows)}\n")
 
 
 if __name__ == "__main__":
