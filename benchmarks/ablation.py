@@ -17,6 +17,8 @@ Fit variants (``--variants``):
   the cluster grows around a random window, as before the fix.
 * ``previous``: both of the above (the defaults before the fixes).
 * ``residual``: ``unet_params_dict.residual: true``.
+* ``equivariant``, ``equivariant-residual``: ``unet_params_dict.affine_equivariant: true``,
+  without and with ``residual``.
 * ``short``: ``--short-epochs`` epochs (default 20) of the defaults.
 * ``cosine``, ``cosine-ema``, ``cosine-2x``: ``--short-epochs`` epochs with the cosine
   learning-rate schedule (``lr_schedule: cosine``); with a weight average of a 2-epoch
@@ -104,6 +106,10 @@ VARIANTS = {
     "previous": FitVariant(old_update_input=True, old_val_split=True),
     "residual": FitVariant(
         fit={"unet_params_dict": {"residual": True}}, refines=OWN_AND_FITTING_STATS
+    ),
+    "equivariant": FitVariant(fit={"unet_params_dict": {"affine_equivariant": True}}),
+    "equivariant-residual": FitVariant(
+        fit={"unet_params_dict": {"affine_equivariant": True, "residual": True}}
     ),
     "short": FitVariant(short=True),
     "cosine": FitVariant(fit={"lr_schedule": "cosine"}, short=True),

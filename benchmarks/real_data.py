@@ -23,8 +23,10 @@ With ``--holdout every:4`` the script instead runs a fourth measurement only: bi
 defaults, those views held out of every tomogram, noise2noise-only and DeepDeWedge fitted as
 in 3., and each of the full tomogram (FBP), noise2noise-only and DeepDeWedge scored by its
 reprojections against the held-out views (``ddw score-heldout``: mean CC and FRC), the score
-for real data, where there is no ground truth. ``--variants`` adds the residual network and
-the refinement choices of the ablation (``benchmarks/ablation.py``) to that score.
+for real data, where there is no ground truth. ``--variants`` adds networks and refinement
+choices of the ablation (``benchmarks/ablation.py``) to that score: ``refinement``
+(``mask_tile_wedges``, fitting statistics), ``residual``, ``equivariant``
+(``affine_equivariant``), ``equivariant-residual``. A finished fit is reused.
 
 Prints one table, writes ``real_data.csv``, ``real_data_orthoslices.png`` (FBP,
 noise2noise-only, DeepDeWedge), ``real_data_gold.png`` (DeepDeWedge with and without gold
@@ -41,6 +43,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import mrcfile
@@ -154,24 +157,28 @@ def fit_and_refine(tomos: dict, root: Path, *, epochs: int, methods: dict) -> di
             )
         )
     for method, (switches, checkpoint, refines) in methods.items():
-        if all(jobs[method, label].exists() for label in refines):
+        todo = {label: opts for label, opts in refines.items() if not jobs[method, label].exists()}
+        if not todo:
             continue
-        unet = {**FIT["unet_params_dict"], **switches.get("unet_params_dict", {})}
-        fitted = pipeline.fit_model(
-            step_config(
-                "fit_model",
-                overrides={
-                    **shared,
-                    **FIT,
-                    **switches,
-                    "unet_params_dict": unet,
-                    "num_epochs": epochs,
-                    "logdir": root / f"logs_{method}",
-                    "overwrite": True,
-                },
+        logdir = root / f"logs_{method}"
+        fitted = _finished_fit(logdir, epochs)
+        if fitted is None:
+            unet = {**FIT["unet_params_dict"], **switches.get("unet_params_dict", {})}
+            fitted = pipeline.fit_model(
+                step_config(
+                    "fit_model",
+                    overrides={
+                        **shared,
+                        **FIT,
+                        **switches,
+                        "unet_params_dict": unet,
+                        "num_epochs": epochs,
+                        "logdir": logdir,
+                        "overwrite": True,
+                    },
+                )
             )
-        )
-        for label, options in refines.items():
+        for label, options in todo.items():
             (refined[_label(method, label)],) = pipeline.refine_tomogram(
                 step_config(
                     "refine_tomogram",
@@ -188,37 +195,65 @@ def fit_and_refine(tomos: dict, root: Path, *, epochs: int, methods: dict) -> di
     return refined
 
 
+def _finished_fit(logdir: Path, epochs: int) -> dict | None:
+    """The checkpoints of a fit in `logdir` that ran all `epochs` already, else None."""
+    from deepdewedge.io.checkpoint import load_checkpoint
+    from deepdewedge.pipeline.fitting import best_checkpoint
+
+    latest = logdir / "checkpoints" / "latest.ckpt"
+    if not latest.exists() or load_checkpoint(latest)["epoch"] != epochs - 1:
+        return None
+    return {"checkpoint": latest, "best_checkpoint": best_checkpoint(latest.parent)}
+
+
 def _label(method: str, label: str) -> str:
     return f"{method}, {label}" if label else method
 
 
 PLAIN = {"": {}}
-# The refinement and normalisation choices of docs/evaluation.md ("Ablation"), on real data.
+# Choices of docs/evaluation.md ("Ablation") on real data, by name of ``--variants``: methods
+# added to the score, or refinements added to a method's (its fit is shared).
 HELDOUT_VARIANTS = {
-    "DeepDeWedge": (
-        {},
-        "checkpoint",
-        {
-            "": {},
-            "mask_tile_wedges": {"mask_tile_wedges": True},
-            "fitting statistics": {"recompute_normalization": False},
-        },
-    ),
-    "DeepDeWedge residual": (
-        {"unet_params_dict": {"residual": True}},
-        "checkpoint",
-        {"": {}, "fitting statistics": {"recompute_normalization": False}},
-    ),
+    "refinement": {
+        "DeepDeWedge": (
+            {},
+            "checkpoint",
+            {
+                "mask_tile_wedges": {"mask_tile_wedges": True},
+                "fitting statistics": {"recompute_normalization": False},
+            },
+        )
+    },
+    "residual": {
+        "DeepDeWedge residual": (
+            {"unet_params_dict": {"residual": True}},
+            "checkpoint",
+            {"": {}, "fitting statistics": {"recompute_normalization": False}},
+        )
+    },
+    "equivariant": {
+        "DeepDeWedge equivariant": (
+            {"unet_params_dict": {"affine_equivariant": True}},
+            "checkpoint",
+            PLAIN,
+        )
+    },
+    "equivariant-residual": {
+        "DeepDeWedge equivariant residual": (
+            {"unet_params_dict": {"affine_equivariant": True, "residual": True}},
+            "checkpoint",
+            PLAIN,
+        )
+    },
 }
 
 
 def heldout_score(
-    testdata: Path, out: Path, scheme: str, epochs: int, record, variants: bool = False
+    testdata: Path, out: Path, scheme: str, epochs: int, record, variants: Sequence[str] = ()
 ) -> None:
     """Bin 4 with `scheme` views held out: FBP, noise2noise-only and DeepDeWedge scored.
 
-    With `variants`, also the residual network and the refinement choices of
-    :data:`HELDOUT_VARIANTS`.
+    With `variants`, also those of :data:`HELDOUT_VARIANTS`.
     """
     from deepdewedge.pipeline.heldout import score_heldout
 
@@ -229,8 +264,11 @@ def heldout_score(
         "noise2noise-only": ({"rotate": False, "wedge_mask": False}, "best_checkpoint", PLAIN),
         "DeepDeWedge": ({}, "checkpoint", PLAIN),
     }
-    if variants:
-        methods |= HELDOUT_VARIANTS
+    for variant in variants:
+        for method, (switches, checkpoint, refines) in HELDOUT_VARIANTS[variant].items():
+            if method in methods:
+                refines = {**methods[method][2], **refines}
+            methods[method] = (switches, checkpoint, refines)
     refined = fit_and_refine(tomos, root, epochs=epochs, methods=methods)
     volumes = {"FBP": tomos["full"], **refined}
     scores = score_heldout(
@@ -261,8 +299,10 @@ def main() -> None:
     parser.add_argument("--holdout", help="only the held-out-view score, e.g. every:4")
     parser.add_argument(
         "--variants",
-        action="store_true",
-        help="with --holdout: also score the residual network and the refinement choices",
+        nargs="*",
+        default=[],
+        choices=list(HELDOUT_VARIANTS),
+        help="with --holdout: also score these networks and refinement choices",
     )
     args = parser.parse_args()
     out = args.output

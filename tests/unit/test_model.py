@@ -20,6 +20,43 @@ def test_residual_network_adds_its_input():
     torch.testing.assert_close(net(x), plain(x) + x)
 
 
+def test_bare_network_is_blind_to_each_inputs_mean_and_contrast():
+    # Why affine_equivariant exists: the instance norms remove both.
+    torch.manual_seed(0)
+    net = UNet3D(chans=4, num_downsample_layers=2).eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(net(3.0 * x), net(x), atol=1e-4, rtol=1e-4)
+        assert abs(float(net(x + 5.0).mean() - net(x).mean())) < 0.05
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_affine_equivariant_network_follows_each_inputs_mean_and_contrast(residual):
+    torch.manual_seed(0)
+    net = UNet3D(chans=4, num_downsample_layers=2, residual=residual, affine_equivariant=True)
+    net.eval()
+    x = torch.randn(3, 1, 16, 16, 16)
+    a = torch.tensor([0.5, 2.0, 7.0]).view(-1, 1, 1, 1, 1)
+    b = torch.tensor([-3.0, 0.0, 10.0]).view(-1, 1, 1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(net(a * x + b), a * net(x) + b, atol=1e-4, rtol=1e-4)
+        # Each sample is standardised on its own: batch neighbours do not matter.
+        torch.testing.assert_close(net(x[1:2]), net(x)[1:2], atol=1e-5, rtol=1e-5)
+        # The output keeps each input's mean up to what the core adds in standard units.
+        assert net(torch.full((1, 1, 8, 8, 8), 4.0)).allclose(torch.tensor(4.0))
+
+
+def test_affine_equivariant_residual_is_input_plus_scaled_correction():
+    torch.manual_seed(0)
+    net = UNet3D(chans=4, num_downsample_layers=1, residual=True, affine_equivariant=True)
+    bare = UNet3D(chans=4, num_downsample_layers=1, affine_equivariant=True)
+    bare.load_state_dict(net.state_dict())
+    x = 2.0 + 3.0 * torch.randn(1, 1, 8, 8, 8)
+    # bare(x) = mean + std·g(z), net(x) = x + std·g(z).
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), x + bare(x) - x.mean(), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_shapes_and_size_multiple(depth):
     model = DeWedgeModel(chans=4, num_downsample_layers=depth)

@@ -31,6 +31,9 @@ class UNetParams(BaseModel):
     # The published implementation adds the input to the output; on our simulated benchmark
     # (docs/method.md) that lowers the refined tomogram's CC, so it is off by default.
     residual: bool = False
+    # Restores each input's mean and contrast, which the instance norms discard
+    # (docs/method.md, "Network").
+    affine_equivariant: bool = False
 
 
 class AdamParams(BaseModel):

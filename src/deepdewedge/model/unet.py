@@ -6,6 +6,9 @@ import torch
 from torch import nn
 
 _SLOPE = 0.05
+# Floor of a per-input standard deviation, in the model's standardised units: a constant
+# input (e.g. an empty tile) is passed through instead of divided by zero.
+_MIN_SCALE = 1e-6
 
 
 def _conv_stack(channels: list[int], drop_prob: float) -> nn.Sequential:
@@ -40,6 +43,13 @@ class UNet3D(nn.Module):
     residual
         Add the input to the output, so that the network learns a correction of its input
         (the published implementation's choice; off by default, see docs/method.md).
+    affine_equivariant
+        Standardise each input by its own mean and standard deviation and give the output
+        that mean and scale back, so that ``f(a·x + b) = a·f(x) + b`` for ``a > 0``. The
+        instance norm after every convolution makes the bare network blind to both: its
+        output has the same mean and contrast whatever the input's, which erases the
+        variations of brightness and contrast between tiles (the large-scale content of a
+        tomogram) on real data.
     """
 
     def __init__(
@@ -49,10 +59,12 @@ class UNet3D(nn.Module):
         num_downsample_layers: int = 3,
         drop_prob: float = 0.0,
         residual: bool = False,
+        affine_equivariant: bool = False,
     ) -> None:
         super().__init__()
         self.num_downsample_layers = num_downsample_layers
         self.residual = residual
+        self.affine_equivariant = affine_equivariant
         widths = [chans * 2**level for level in range(num_downsample_layers)]
         self.down = nn.ModuleList()
         self.pool = nn.ModuleList()
@@ -86,6 +98,15 @@ class UNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map `(b, 1, d, h, w)` to `(b, 1, d, h, w)`."""
+        if self.affine_equivariant:
+            flat = x.float().flatten(1)
+            loc = flat.mean(dim=1).view(-1, 1, 1, 1, 1)
+            scale = flat.std(dim=1).clamp_min(_MIN_SCALE).view(-1, 1, 1, 1, 1)
+            out = self._core(((x - loc) / scale).to(x.dtype))
+            return out.float() * scale + loc
+        return self._core(x)
+
+    def _core(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
         out = x
         for block, pool in zip(self.down, self.pool, strict=True):
