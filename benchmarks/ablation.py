@@ -17,6 +17,9 @@ Fit variants (``--variants``):
   the cluster grows around a random window, as before the fix.
 * ``previous``: both of the above (the defaults before the fixes).
 * ``residual``: ``unet_params_dict.residual: true``.
+* ``symmetric-wedge``: the banks prepared with ``mw_angle: 60``, the symmetric wedge that
+  fitting and refinement assumed before the wedge was recorded with the banks (differs from
+  ``defaults`` with ``--tilt-range``, e.g. ``-50 65``).
 * ``equivariant``, ``equivariant-residual``: ``unet_params_dict.affine_equivariant: true``,
   without and with ``residual``.
 * ``short``: ``--short-epochs`` epochs (default 20) of the defaults.
@@ -84,6 +87,7 @@ class FitVariant:
     old_update_input: bool = False
     old_val_split: bool = False
     short: bool = False
+    symmetric_wedge: bool = False
     lr_factor: float = 1.0
     curve: bool = False
 
@@ -107,6 +111,8 @@ VARIANTS = {
     "residual": FitVariant(
         fit={"unet_params_dict": {"residual": True}}, refines=OWN_AND_FITTING_STATS
     ),
+    # The wedge as fit and refine assumed it before it was recorded with the banks.
+    "symmetric-wedge": FitVariant(symmetric_wedge=True),
     "equivariant": FitVariant(fit={"unet_params_dict": {"affine_equivariant": True}}),
     "equivariant-residual": FitVariant(
         fit={"unet_params_dict": {"affine_equivariant": True, "residual": True}}
@@ -199,6 +205,8 @@ def prepared(root: Path, snr: float, seed: int, profile: dict) -> dict:
                 height_px=h,
                 width_px=w,
                 tilt_step_deg=2.0,
+                tilt_min_deg=profile["tilt_range"][0],
+                tilt_max_deg=profile["tilt_range"][1],
                 snr=snr,
                 seed=seed,
                 overwrite=True,
@@ -225,8 +233,17 @@ def prepared(root: Path, snr: float, seed: int, profile: dict) -> dict:
     return {**sim, **tomos}
 
 
-def prepare_banks(root: Path, data: dict, seed: int, profile: dict, old_split: bool) -> Path:
-    subtomo_dir = root / ("subtomos_old_split" if old_split else "subtomos")
+def wedge(profile: dict) -> dict:
+    """Keywords of the simulated missing wedge for ``evaluate``."""
+    lo, hi = profile["tilt_range"]
+    return {"mw_angle_deg": 180.0 - (hi - lo), "tilt_range_deg": (lo, hi)}
+
+
+def prepare_banks(
+    root: Path, data: dict, seed: int, profile: dict, old_split: bool, symmetric: bool = False
+) -> Path:
+    name = "subtomos_old_split" if old_split else "subtomos"
+    subtomo_dir = root / (name + "_symmetric" if symmetric else name)
     if (subtomo_dir / "metadata.json").exists():
         return subtomo_dir
     patch = (
@@ -248,6 +265,7 @@ def prepare_banks(root: Path, data: dict, seed: int, profile: dict, old_split: b
                     "subtomo_extraction_strides": profile["strides"],
                     "val_fraction": 0.1,
                     "overwrite": True,
+                    **({"mw_angle": MW_ANGLE_DEG} if symmetric else {}),
                 },
             )
         )
@@ -257,7 +275,9 @@ def prepare_banks(root: Path, data: dict, seed: int, profile: dict, old_split: b
 def fit_variant(
     name: str, variant: FitVariant, root: Path, data: dict, seed: int, profile: dict, args
 ) -> tuple[dict, float]:
-    subtomo_dir = prepare_banks(root, data, seed, profile, variant.old_val_split)
+    subtomo_dir = prepare_banks(
+        root, data, seed, profile, variant.old_val_split, variant.symmetric_wedge
+    )
     unet = {**profile["unet"], **variant.fit.get("unet_params_dict", {})}
     overrides = {
         "project_dir": root,
@@ -320,8 +340,9 @@ def curve_rows(root: Path, data: dict, seed: int, profile: dict, fitted: dict, e
             ckpt = ckpt_dir / f"epoch={epoch:05d}.ckpt"
             vol, _ = read_volume(refine(root, data, seed, profile, ckpt, "curve", {}))
             row["cc"] = correlation_coefficient(vol, gt)
-            row["cc_outside_wedge"] = cc_outside_wedge(vol, gt, mw_angle_deg=MW_ANGLE_DEG)
-            row["cc_inside_wedge"] = cc_inside_wedge(vol, gt, mw_angle_deg=MW_ANGLE_DEG)
+            lo_hi = profile["tilt_range"]
+            row["cc_outside_wedge"] = cc_outside_wedge(vol, gt, tilt_range_deg=lo_hi)
+            row["cc_inside_wedge"] = cc_inside_wedge(vol, gt, tilt_range_deg=lo_hi)
         rows.append(row)
     return rows
 
@@ -338,7 +359,7 @@ def run_variant(name, variant, snr, seed, profile, root, args) -> tuple[list[dic
     rows = evaluate(
         paths,
         data["ground_truth"],
-        mw_angle_deg=MW_ANGLE_DEG,
+        **wedge(profile),
         particles=data["particles"],
         labels=labels,
     )
@@ -347,7 +368,7 @@ def run_variant(name, variant, snr, seed, profile, root, args) -> tuple[list[dic
         (fbp_row,) = evaluate(
             [data["full"]],
             data["ground_truth"],
-            mw_angle_deg=MW_ANGLE_DEG,
+            **wedge(profile),
             particles=data["particles"],
             labels=["FBP"],
         )
@@ -533,6 +554,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=None, help="override the profile's")
     parser.add_argument("--short-epochs", type=int, default=20)
+    parser.add_argument(
+        "--tilt-range",
+        type=float,
+        nargs=2,
+        default=(-60.0, 60.0),
+        metavar=("LOWEST", "HIGHEST"),
+        help="simulated tilt range in degrees (default -60 60)",
+    )
     parser.add_argument("--curve-every", type=int, default=5)
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("ablation_results"))
     parser.add_argument(
@@ -544,6 +573,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     profile = dict(PROFILES[args.profile])
+    profile["tilt_range"] = tuple(args.tilt_range)
     if args.epochs is not None:
         profile["epochs"] = args.epochs
     args.output.mkdir(parents=True, exist_ok=True)

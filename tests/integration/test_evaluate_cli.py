@@ -157,6 +157,18 @@ def test_without_particles_and_with_an_undefined_metric(data, tmp_path):
     assert next(csv.DictReader(open(tmp_path / "m.csv")))["cc_inside_wedge"] == ""
 
 
+def test_an_asymmetric_wedge_splits_inside_and_outside_by_the_tilt_range(data):
+    from deepdewedge.pipeline.evaluation import evaluate
+
+    _, files, gt = data
+    vol = mrcfile.read(files["fbp"])
+    (row,) = evaluate([files["fbp"]], files["gt"], mw_angle_deg=65, tilt_range_deg=(-50, 65))
+    want = evaluate_volume(vol, gt, voxel_size_angstrom=10.0, tilt_range_deg=(-50, 65)).metrics
+    assert row["cc_inside_wedge"] == pytest.approx(want["cc_inside_wedge"], rel=1e-6)
+    symmetric = evaluate_volume(vol, gt, voxel_size_angstrom=10.0, mw_angle_deg=65).metrics
+    assert row["cc_inside_wedge"] != pytest.approx(symmetric["cc_inside_wedge"], rel=1e-3)
+
+
 @pytest.mark.parametrize(
     ("case", "needle"),
     [

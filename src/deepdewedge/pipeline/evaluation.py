@@ -76,6 +76,7 @@ def evaluate(
     ground_truth: str | os.PathLike,
     *,
     mw_angle_deg: float,
+    tilt_range_deg: tuple[float, float] | None = None,
     voxel_size_angstrom: float | None = None,
     particles: str | os.PathLike | None = None,
     box_size_px: int | None = None,
@@ -94,6 +95,9 @@ def evaluate(
         The MRC ground truth.
     mw_angle_deg
         Full opening angle of the missing wedge of the tilt series, in degrees.
+    tilt_range_deg
+        ``(lowest, highest)`` tilt in degrees, for an asymmetric wedge; replaces
+        `mw_angle_deg` in the split into inside and outside the wedge.
     voxel_size_angstrom
         Voxel size in Å; default from the MRC headers (volumes first, then ground truth).
     particles
@@ -152,7 +156,8 @@ def evaluate(
             volume,
             ground,
             voxel_size_angstrom=voxel,
-            mw_angle_deg=float(mw_angle_deg),
+            mw_angle_deg=None if tilt_range_deg is not None else float(mw_angle_deg),
+            tilt_range_deg=tilt_range_deg,
             particles_zyx=centres,
             box_size_px=box,
         )
@@ -173,6 +178,7 @@ def evaluate(
                     "shape_zyx": list(shape),
                     "voxel_size_angstrom": voxel,
                     "mw_angle_deg": float(mw_angle_deg),
+                    "tilt_range_deg": tilt_range_deg,
                     "particles": None if particles is None else str(particles),
                     "box_size_px": box,
                     "results": rows,
