@@ -94,6 +94,17 @@ def test_init_from_another_architecture_is_a_one_line_error(project):
     assert "'chans': 4" in message and "init_from" in message
 
 
+@pytest.mark.parametrize("switch", ["residual", "affine_equivariant"])
+def test_init_from_a_network_that_computes_otherwise_is_a_one_line_error(project, switch):
+    # Same weights, another function: the switch must agree (absent in a checkpoint = off).
+    earlier = project / "first/checkpoints/latest.ckpt"
+    config = _config(project, f"switched_{switch}", num_epochs=1, init_from=earlier)
+    setattr(config.unet_params_dict, switch, True)
+    with pytest.raises(InputError, match=f"fitted with {switch}: false") as err:
+        fit_model(config)
+    assert "init_from" in assert_one_line(err, earlier)
+
+
 def test_init_from_a_missing_file_is_a_one_line_error(project):
     missing = project / "elsewhere/latest.ckpt"
     with pytest.raises(InputError, match="no such checkpoint file; check init_from") as err:

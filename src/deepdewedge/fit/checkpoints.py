@@ -91,9 +91,19 @@ def check_compatible(
 ) -> None:
     """Refuse to load the checkpoint `state` (at `path`) into a different architecture.
 
-    The one-line error names `path` and ends with `fix`.
+    Besides the weights' shapes, the switches that change what the same weights compute
+    (``residual``, ``affine_equivariant``; absent from older checkpoints, i.e. off) must
+    agree. The one-line error names `path` and ends with `fix`.
     """
     own = model.state_dict()
     theirs = state.get("model_state", {})
     if own.keys() != theirs.keys() or any(own[k].shape != theirs[k].shape for k in own):
         raise InputError(f"{path}: checkpoint holds a different network architecture; {fix}")
+    params = state.get("unet_params") or {}
+    for switch in ("residual", "affine_equivariant"):
+        mine, stored = bool(getattr(model.unet, switch)), bool(params.get(switch, False))
+        if mine != stored:
+            raise InputError(
+                f"{path}: checkpoint was fitted with {switch}: {str(stored).lower()}, this run "
+                f"has {switch}: {str(mine).lower()}; {fix}"
+            )
