@@ -218,6 +218,7 @@ def fsc_curve_figure(
     panels: Mapping[str, Mapping[str, tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]]],
     *,
     thresholds: Sequence[float] = (0.143, 0.5),
+    ylabel: str = "FSC",
 ) -> Figure:
     """Fourier shell correlation curves, one panel per kind of FSC, one line per volume.
 
@@ -229,6 +230,8 @@ def fsc_curve_figure(
         frequencies in 1/Å and FSC values, both of shape `(n_shells,)`. NaN values are skipped.
     thresholds : sequence of float
         FSC thresholds drawn as dashed horizontal lines.
+    ylabel : str, default "FSC"
+        Label of the correlation axis (e.g. "FRC" for ring correlations).
 
     Returns
     -------
@@ -266,7 +269,7 @@ def fsc_curve_figure(
         ax.set_ylim(-0.1, 1.05)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("spatial frequency (1/Å)")
-    axes[0].set_ylabel("FSC")
+    axes[0].set_ylabel(ylabel)
     axes[0].legend(fontsize=8)
     return fig
 

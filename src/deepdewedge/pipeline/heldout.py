@@ -87,6 +87,10 @@ def score_heldout(
     if csv_path is not None:
         write_csv(Path(csv_path), view_rows)
     if figure_path is not None:
-        figure = fsc_curve_figure({"held-out views: mean FRC of the reprojections": curves})
+        figure = fsc_curve_figure(
+            {"held-out views: mean FRC of the reprojections": curves},
+            thresholds=(),
+            ylabel="FRC",
+        )
         save_figure(figure, Path(figure_path))
     return rows
