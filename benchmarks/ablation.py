@@ -20,8 +20,8 @@ Fit variants (``--variants``):
 * ``symmetric-wedge``: the banks prepared with ``mw_angle: 60``, the symmetric wedge that
   fitting and refinement assumed before the wedge was recorded with the banks (differs from
   ``defaults`` with ``--tilt-range``, e.g. ``-50 65``).
-* ``equivariant``, ``equivariant-residual``: ``unet_params_dict.affine_equivariant: true``,
-  without and with ``residual``.
+* ``bare``, ``bare-residual``: ``unet_params_dict.affine_equivariant: false`` (the U-Net
+  whose instance norms hide each input's mean and contrast), without and with ``residual``.
 * ``short``: ``--short-epochs`` epochs (default 20) of the defaults.
 * ``cosine``, ``cosine-ema``, ``cosine-2x``: ``--short-epochs`` epochs with the cosine
   learning-rate schedule (``lr_schedule: cosine``); with a weight average of a 2-epoch
@@ -113,9 +113,11 @@ VARIANTS = {
     ),
     # The wedge as fit and refine assumed it before it was recorded with the banks.
     "symmetric-wedge": FitVariant(symmetric_wedge=True),
-    "equivariant": FitVariant(fit={"unet_params_dict": {"affine_equivariant": True}}),
-    "equivariant-residual": FitVariant(
-        fit={"unet_params_dict": {"affine_equivariant": True, "residual": True}}
+    # The U-Net without affine_equivariant, as before it was the default.
+    "bare": FitVariant(fit={"unet_params_dict": {"affine_equivariant": False}}),
+    "bare-residual": FitVariant(
+        fit={"unet_params_dict": {"affine_equivariant": False, "residual": True}},
+        refines=OWN_AND_FITTING_STATS,
     ),
     "short": FitVariant(short=True),
     "cosine": FitVariant(fit={"lr_schedule": "cosine"}, short=True),

@@ -25,8 +25,8 @@ in 3., and each of the full tomogram (FBP), noise2noise-only and DeepDeWedge sco
 reprojections against the held-out views (``ddw score-heldout``: mean CC and FRC), the score
 for real data, where there is no ground truth. ``--variants`` adds networks and refinement
 choices of the ablation (``benchmarks/ablation.py``) to that score: ``refinement``
-(``mask_tile_wedges``, fitting statistics), ``residual``, ``equivariant``
-(``affine_equivariant``), ``equivariant-residual``. A finished fit is reused.
+(``mask_tile_wedges``, fitting statistics), ``residual``, ``bare`` (without
+``affine_equivariant``), ``bare-residual``. A finished fit is reused.
 
 Prints one table, writes ``real_data.csv``, ``real_data_orthoslices.png`` (FBP,
 noise2noise-only, DeepDeWedge), ``real_data_gold.png`` (DeepDeWedge with and without gold
@@ -225,24 +225,20 @@ HELDOUT_VARIANTS = {
         )
     },
     "residual": {
-        "DeepDeWedge residual": (
-            {"unet_params_dict": {"residual": True}},
+        "DeepDeWedge residual": ({"unet_params_dict": {"residual": True}}, "checkpoint", PLAIN)
+    },
+    "bare": {
+        "DeepDeWedge bare": (
+            {"unet_params_dict": {"affine_equivariant": False}},
             "checkpoint",
             {"": {}, "fitting statistics": {"recompute_normalization": False}},
         )
     },
-    "equivariant": {
-        "DeepDeWedge equivariant": (
-            {"unet_params_dict": {"affine_equivariant": True}},
+    "bare-residual": {
+        "DeepDeWedge bare residual": (
+            {"unet_params_dict": {"affine_equivariant": False, "residual": True}},
             "checkpoint",
-            PLAIN,
-        )
-    },
-    "equivariant-residual": {
-        "DeepDeWedge equivariant residual": (
-            {"unet_params_dict": {"affine_equivariant": True, "residual": True}},
-            "checkpoint",
-            PLAIN,
+            {"": {}, "fitting statistics": {"recompute_normalization": False}},
         )
     },
 }

@@ -99,8 +99,11 @@ def test_init_from_a_network_that_computes_otherwise_is_a_one_line_error(project
     # Same weights, another function: the switch must agree (absent in a checkpoint = off).
     earlier = project / "first/checkpoints/latest.ckpt"
     config = _config(project, f"switched_{switch}", num_epochs=1, init_from=earlier)
-    setattr(config.unet_params_dict, switch, True)
-    with pytest.raises(InputError, match=f"fitted with {switch}: false") as err:
+    fitted_with = getattr(config.unet_params_dict, switch)
+    setattr(config.unet_params_dict, switch, not fitted_with)
+    with pytest.raises(
+        InputError, match=f"fitted with {switch}: {str(fitted_with).lower()}"
+    ) as err:
         fit_model(config)
     assert "init_from" in assert_one_line(err, earlier)
 

@@ -216,3 +216,12 @@ def test_denormals_are_flushed_inside_and_restored_after():
     with flush_denormals():
         assert float(tiny * 1.0) == 0.0
     assert float(tiny * 1.0) != 0.0
+
+
+def test_new_fits_are_affine_equivariant_and_older_checkpoints_stay_bare():
+    from deepdewedge.config.fitting import UNetParams
+    from deepdewedge.pipeline.fitting import build_model
+
+    assert UNetParams().affine_equivariant
+    # unet_params stored before the switch existed lack it: the network they hold is bare.
+    assert not build_model({"chans": 4, "num_downsample_layers": 1}).unet.affine_equivariant

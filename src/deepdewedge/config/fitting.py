@@ -28,12 +28,13 @@ class UNetParams(BaseModel):
     chans: int = Field(64, ge=1)
     num_downsample_layers: int = Field(3, ge=1)
     drop_prob: float = Field(0.0, ge=0.0, lt=1.0)
-    # The published implementation adds the input to the output; on our simulated benchmark
-    # (docs/method.md) that lowers the refined tomogram's CC, so it is off by default.
+    # The published implementation adds the input to the output; on real data that network
+    # hardly denoises (docs/evaluation.md, "Ablation"), so it is off by default.
     residual: bool = False
-    # Restores each input's mean and contrast, which the instance norms discard
-    # (docs/method.md, "Network").
-    affine_equivariant: bool = False
+    # Restores each input's mean and contrast, which the instance norms discard; on real data
+    # that keeps the tomogram's large-scale contrast (docs/method.md, "Network"). Checkpoints
+    # written without it hold networks without it.
+    affine_equivariant: bool = True
 
 
 class AdamParams(BaseModel):
