@@ -520,7 +520,7 @@ def epochs_figure(curves: list[dict], rows: list[dict], short_epochs: int, path:
     snrs = sorted({r["snr"] for r in curves}, reverse=True)
     fig, axes = plt.subplots(1, len(snrs), figsize=(4 * len(snrs), 3.2), squeeze=False)
     for ax, snr in zip(axes[0], snrs, strict=True):
-        points = [r for r in curves if r["snr"] == snr and math.isfinite(r["cc"])]
+        points = [r for r in curves if r["snr"] == snr and math.isfinite(r.get("cc", math.nan))]
         epochs = sorted({r["epoch"] for r in points})
         mean = [np.mean([r["cc"] for r in points if r["epoch"] == e]) for e in epochs]
         ax.plot(epochs, mean, "o-", label="defaults (constant lr)")
