@@ -166,16 +166,20 @@ def _relative_error(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def test_two_processes_match_one_and_resume(project, tmp_path):
+# The bare U-Net follows the same arithmetic to rounding. The affine-equivariant one drifts
+# from rounding differences faster, micro-batches alone included (2e-6 of the loss after one
+# epoch, 5e-5 after four; the weights by up to 1%): there only the losses are compared.
+@pytest.mark.parametrize("affine_equivariant", [False, True])
+def test_two_processes_match_one_and_resume(project, tmp_path, affine_equivariant):
     """A 2-process fit in micro-batches (stopped after 2 epochs and resumed) follows the
     1-process fit of whole batches."""
     torch.set_num_threads(1)
     single_logs, ddp_logs = tmp_path / "single", tmp_path / "ddp"
-    single = fit_model(
-        step_config("fit_model", overrides={**FIT, "project_dir": project, "logdir": single_logs})
-    )
+    unet = {**FIT["unet_params_dict"], "affine_equivariant": affine_equivariant}
+    fit = {**FIT, "unet_params_dict": unet, "project_dir": project}
+    single = fit_model(step_config("fit_model", overrides={**fit, "logdir": single_logs}))
     # One sub-tomogram per pass: gradients accumulate, all-reduced once per step.
-    ddp = {**FIT, "project_dir": project, "logdir": ddp_logs, "micro_batch_size": 1}
+    ddp = {**fit, "logdir": ddp_logs, "micro_batch_size": 1}
     first = _fit_in_processes(2, {**ddp, "num_epochs": 2}, tmp_path / "first")
     assert [r["main"] for r in first] == [True, False]
     assert first[0]["history"] == first[1]["history"]  # every process agrees on the losses
@@ -185,7 +189,11 @@ def test_two_processes_match_one_and_resume(project, tmp_path):
     expected, got = single["history"], resumed[0]["history"]
     assert len(got) == EPOCHS and all(r["val_loss"] is not None for r in got)
     for key in ("fitting_loss", "val_loss"):
-        assert [r[key] for r in got] == pytest.approx([r[key] for r in expected], rel=1e-5)
+        assert [r[key] for r in got] == pytest.approx(
+            [r[key] for r in expected], rel=1e-4 if affine_equivariant else 1e-5
+        )
+    if affine_equivariant:
+        return
     theirs, state = _params(ddp_logs)
     ours, _ = _params(single_logs)
     inert = _biases_before_instance_norm(ours)
