@@ -53,7 +53,9 @@ from deepdewedge import pipeline
 from deepdewedge.config import step_config
 from deepdewedge.evaluate.figures import orthoslice_figure
 from deepdewedge.evaluate.metrics import correlation_coefficient
+from deepdewedge.io.checkpoint import load_checkpoint
 from deepdewedge.pipeline.common import save_figure, write_csv
+from deepdewedge.pipeline.fitting import best_checkpoint
 
 RAW_OFF = {"normalize_tilts": False, "taper_px": 0, "dose_filter": False, "erase_gold": False}
 FIT = {
@@ -197,9 +199,6 @@ def fit_and_refine(tomos: dict, root: Path, *, epochs: int, methods: dict) -> di
 
 def _finished_fit(logdir: Path, epochs: int) -> dict | None:
     """The checkpoints of a fit in `logdir` that ran all `epochs` already, else None."""
-    from deepdewedge.io.checkpoint import load_checkpoint
-    from deepdewedge.pipeline.fitting import best_checkpoint
-
     latest = logdir / "checkpoints" / "latest.ckpt"
     if not latest.exists() or load_checkpoint(latest)["epoch"] != epochs - 1:
         return None

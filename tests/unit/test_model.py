@@ -42,19 +42,19 @@ def test_affine_equivariant_network_follows_each_inputs_mean_and_contrast(residu
         torch.testing.assert_close(net(a * x + b), a * net(x) + b, atol=1e-4, rtol=1e-4)
         # Each sample is standardised on its own: batch neighbours do not matter.
         torch.testing.assert_close(net(x[1:2]), net(x)[1:2], atol=1e-5, rtol=1e-5)
-        # The output keeps each input's mean up to what the core adds in standard units.
+        # A constant input (an empty tile) comes back as it is, not divided by zero.
         assert net(torch.full((1, 1, 8, 8, 8), 4.0)).allclose(torch.tensor(4.0))
 
 
 def test_affine_equivariant_residual_is_input_plus_scaled_correction():
     torch.manual_seed(0)
     net = UNet3D(chans=4, num_downsample_layers=1, residual=True, affine_equivariant=True)
-    bare = UNet3D(chans=4, num_downsample_layers=1, affine_equivariant=True)
-    bare.load_state_dict(net.state_dict())
+    plain = UNet3D(chans=4, num_downsample_layers=1, affine_equivariant=True)
+    plain.load_state_dict(net.state_dict())
     x = 2.0 + 3.0 * torch.randn(1, 1, 8, 8, 8)
-    # bare(x) = mean + std·g(z), net(x) = x + std·g(z).
+    # plain(x) = mean + std·g(z), net(x) = x + std·g(z).
     with torch.no_grad():
-        torch.testing.assert_close(net(x), x + bare(x) - x.mean(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(net(x), x + plain(x) - x.mean(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
