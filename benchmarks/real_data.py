@@ -163,23 +163,20 @@ def fit_and_refine(tomos: dict, root: Path, *, epochs: int, methods: dict) -> di
         if not todo:
             continue
         logdir = root / f"logs_{method}"
-        fitted = _finished_fit(logdir, epochs)
-        if fitted is None:
-            unet = {**FIT["unet_params_dict"], **switches.get("unet_params_dict", {})}
-            fitted = pipeline.fit_model(
-                step_config(
-                    "fit_model",
-                    overrides={
-                        **shared,
-                        **FIT,
-                        **switches,
-                        "unet_params_dict": unet,
-                        "num_epochs": epochs,
-                        "logdir": logdir,
-                        "overwrite": True,
-                    },
-                )
-            )
+        unet = {**FIT["unet_params_dict"], **switches.get("unet_params_dict", {})}
+        config = step_config(
+            "fit_model",
+            overrides={
+                **shared,
+                **FIT,
+                **switches,
+                "unet_params_dict": unet,
+                "num_epochs": epochs,
+                "logdir": logdir,
+                "overwrite": True,
+            },
+        )
+        fitted = _finished_fit(logdir, config) or pipeline.fit_model(config)
         for label, options in todo.items():
             (refined[_label(method, label)],) = pipeline.refine_tomogram(
                 step_config(
@@ -197,10 +194,16 @@ def fit_and_refine(tomos: dict, root: Path, *, epochs: int, methods: dict) -> di
     return refined
 
 
-def _finished_fit(logdir: Path, epochs: int) -> dict | None:
-    """The checkpoints of a fit in `logdir` that ran all `epochs` already, else None."""
+def _finished_fit(logdir: Path, config) -> dict | None:
+    """The checkpoints of a fit in `logdir` that ran all of `config`'s epochs with its
+    network (same ``unet_params_dict``, e.g. not a bare U-Net of an earlier default), else
+    None."""
     latest = logdir / "checkpoints" / "latest.ckpt"
-    if not latest.exists() or load_checkpoint(latest)["epoch"] != epochs - 1:
+    if not latest.exists():
+        return None
+    state = load_checkpoint(latest)
+    network = config.unet_params_dict.model_dump(exclude={"in_chans", "out_chans"})
+    if state["epoch"] != config.num_epochs - 1 or state.get("unet_params") != network:
         return None
     return {"checkpoint": latest, "best_checkpoint": best_checkpoint(latest.parent)}
 
